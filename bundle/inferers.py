@@ -1,0 +1,51 @@
+"""An inferer that runs the network under autocast on any device, for ``SupervisedTrainer``/``Evaluator``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from monai.inferers import Inferer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class AutocastInferer(Inferer):
+    """Calls the network under ``torch.autocast`` for the input's device, optionally in channels-last layout.
+
+    MONAI engines' own ``amp`` only autocasts on CUDA (with a fp16 ``GradScaler``); bf16 needs no scaler, so
+    doing the autocast here gives mixed precision on the CPU too with the stock engines.
+
+    Args:
+        amp: whether to autocast.
+        dtype: ``"bfloat16"`` or ``"float16"`` (fp16 training wants a GradScaler: use the engine's ``amp`` then).
+        channels_last: convert 4D inputs to ``torch.channels_last`` (the network should be converted too).
+        output_index: when the network returns a tuple, return only this element (e.g. 0, the reconstruction,
+            for metrics); None returns the output as is.
+    """
+
+    def __init__(
+        self, amp: bool = False, dtype: str = "bfloat16", channels_last: bool = False, output_index: int | None = None
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got '{dtype}'.")
+        self.amp, self.dtype, self.channels_last, self.output_index = amp, DTYPES[dtype], channels_last, output_index
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(inputs.device.type, dtype=self.dtype, enabled=self.amp):
+            outputs = network(inputs, *args, **kwargs)
+        if isinstance(outputs, (tuple, list)):
+            if self.output_index is not None:
+                return _fp32(outputs[self.output_index])
+            return type(outputs)(_fp32(o) for o in outputs)
+        return _fp32(outputs)
+
+
+def _fp32(value: Any) -> Any:
+    # Losses and metrics downstream expect fp32 in the default memory layout.
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float().contiguous()
+    return value

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny phantom data sets and a runner for ``python -m monai.bundle``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Small enough for a 2-core CPU, large enough to exercise every code path.
+TINY_NETWORK = [
+    "--network_def#channels", "[16, 32]",
+    "--network_def#num_res_channels", "[16, 16]",
+    "--network_def#num_embeddings", "64",
+    "--network_def#embedding_dim", "16",
+]
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny HipMRI-layout phantom set shared by the whole session (read-only by convention)."""
+    from bundle.phantom import write_hipmri_phantoms
+
+    root = tmp_path_factory.mktemp("phantom")
+    write_hipmri_phantoms(root, train_cases=3, val_cases=1, test_cases=1, slices_per_case=6, trailing_axis_every=5)
+    return root
+
+
+def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``python -m monai.bundle run`` from the bundle root; fails the test with the log on a non-zero exit."""
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *map(str, args)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result

@@ -1,0 +1,87 @@
+"""The preprocessing declared in configs/inference.json and the EnsureSlice2D transform."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from PIL import Image
+
+from bundle.transforms import EnsureSlice2D
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def preprocessing():
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    return parser.get_parsed_content("preprocessing")
+
+
+def _save(path: Path, array: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.0, 1.0])), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (256, 144), (256, 128, 1), (512, 512), (64, 64)])
+def test_any_slice_becomes_unit_range_256x128(tmp_path: Path, preprocessing, shape) -> None:
+    rng = np.random.default_rng(0)
+    path = _save(tmp_path / "case_001_week_0_slice_3.nii.gz", (rng.random(shape) * 3000).astype(np.float32))
+    image = preprocessing({"image": path})["image"]
+    assert tuple(image.shape) == (1, 256, 128) and image.dtype == torch.float32
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0 and float(image.max()) > 0.9
+
+
+def test_phantom_files_load(phantom_dir: Path, preprocessing) -> None:
+    for path in sorted((phantom_dir / "keras_slices_train").iterdir())[:6]:
+        image = preprocessing({"image": str(path)})["image"]
+        assert tuple(image.shape) == (1, 256, 128) and torch.isfinite(image).all()
+
+
+def test_constant_and_integer_images_give_no_nan(tmp_path: Path, preprocessing) -> None:
+    for name, array in {"const": np.full((256, 128), 7.0, np.float32), "int": np.arange(256 * 128, dtype=np.int16).reshape(256, 128)}.items():
+        image = preprocessing({"image": _save(tmp_path / f"{name}.nii.gz", array)})["image"]
+        assert torch.isfinite(image).all() and image.dtype == torch.float32
+
+
+def test_nan_and_inf_voxels_are_zeroed_and_logged(tmp_path: Path, preprocessing, caplog) -> None:
+    array = np.ones((256, 128), np.float32)
+    array[0, :3] = np.nan
+    array[1, 0] = np.inf
+    with caplog.at_level(logging.WARNING):
+        image = preprocessing({"image": _save(tmp_path / "nan.nii.gz", array)})["image"]
+    assert torch.isfinite(image).all()
+    assert "replaced 4 NaN/Inf voxels" in caplog.text and "nan.nii.gz" in caplog.text
+    with pytest.raises(ValueError, match="4 NaN/Inf voxels"):
+        EnsureSlice2D(nonfinite="error")(MetaTensor(torch.from_numpy(array)[None]))
+
+
+def test_volume_is_refused_with_file_name(tmp_path: Path, preprocessing) -> None:
+    path = _save(tmp_path / "volume.nii.gz", np.ones((256, 128, 20), np.float32))
+    with pytest.raises(RuntimeError) as info:
+        preprocessing({"image": path})
+    # MONAI wraps transform errors; ours is the cause, and it names the file and the shape.
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "volume.nii.gz" in str(info.value.__cause__) and "(256, 128, 20)" in str(info.value.__cause__)
+
+
+def test_rgba_png_becomes_grey(tmp_path: Path) -> None:
+    rgba = np.zeros((40, 30, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    from monai.transforms import LoadImage
+
+    image = EnsureSlice2D()(LoadImage(image_only=True, ensure_channel_first=True)(str(tmp_path / "a.png")))
+    assert image.shape[0] == 1 and sorted(image.shape[1:]) == [30, 40]
+    assert torch.allclose(image, torch.full_like(image, 200 * 0.299), atol=1e-3)
+
+
+def test_bad_channel_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="2 channels"):
+        EnsureSlice2D()(torch.zeros(2, 8, 8))

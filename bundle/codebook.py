@@ -28,7 +28,7 @@ def flatten_encodings(encodings: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def kmeans(vectors: torch.Tensor, k: int, iterations: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain Lloyd k-means, seeded with distinct random vectors.
+    """Lloyd k-means with k-means++ seeding (which spreads the initial centres over all clusters).
 
     Args:
         vectors: ``[N, D]`` data.
@@ -43,13 +43,25 @@ def kmeans(vectors: torch.Tensor, k: int, iterations: int = 10, generator: torch
         repeats = -(-k // vectors.shape[0])
         noise = 1e-3 * vectors.std() * torch.randn(vectors.shape[0] * repeats, vectors.shape[1], generator=generator)
         vectors = vectors.repeat(repeats, 1) + noise.to(vectors)
-    centres = vectors[torch.randperm(vectors.shape[0], generator=generator)[:k].to(vectors.device)].clone()
+    centres = _kmeans_plus_plus(vectors, k, generator)
     for _ in range(iterations):
         assignment = torch.cdist(vectors, centres).argmin(1)
         sums = torch.zeros_like(centres).index_add_(0, assignment, vectors)
         counts = torch.bincount(assignment, minlength=k).unsqueeze(1).to(vectors)
         centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
     return centres
+
+
+def _kmeans_plus_plus(vectors: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    first = int(torch.randint(vectors.shape[0], (1,), generator=generator))
+    chosen = [first]
+    nearest = ((vectors - vectors[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        weights = nearest.cpu().double()
+        index = int(torch.multinomial(weights / weights.sum(), 1, generator=generator)) if weights.sum() > 0 else 0
+        chosen.append(index)
+        nearest = torch.minimum(nearest, ((vectors - vectors[index]) ** 2).sum(1))
+    return vectors[chosen].clone()
 
 
 @torch.no_grad()

@@ -9,12 +9,15 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from collections.abc import Mapping
+
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from bundle.codebook import find_quantizer, flatten_encodings, init_codebook, restart_dead_codes
 from bundle.metrics import codebook_usage
-from bundle.utils import atomic_write_json, save_grid, to_uint8
+from bundle.utils import atomic_write_json, prune_checkpoints, save_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -119,21 +122,63 @@ def _sum_over_ranks(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
     return total.cpu()
 
 
-class EngineCheckpointSaver(CheckpointSaver):
-    """``CheckpointSaver`` that also saves the engine it is attached to (epoch, iteration) under ``engine_key``.
+class _AtomicDiskSaver(DiskSaver):
+    """Ignite's atomic DiskSaver (temporary file, then rename) with MONAI's fixed-filename option.
+
+    MONAI's ``CheckpointSaver`` turns atomic saving off because the temporary file is created user-only
+    (0600); a kill during ``torch.save`` then leaves a truncated ``model.pt``. This keeps the rename and
+    restores ordinary permissions afterwards.
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(self.dirname, filename), 0o666 & ~umask)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose every file is written atomically; same arguments."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+
+class EngineCheckpointSaver(AtomicCheckpointSaver):
+    """Atomic ``CheckpointSaver`` that also saves the engine it is attached to (epoch, iteration) under ``engine_key``.
 
     A config cannot list ``"trainer": "@train::trainer"`` in a handler of that same trainer (a circular
-    reference); the engine is known at ``attach``, so it is added there. Other arguments: ``CheckpointSaver``.
+    reference); the engine is known at ``attach``, so it is added there. Older numbered checkpoints beyond
+    ``n_saved`` are deleted even when an earlier (killed or finished) run wrote them.
+    Other arguments: ``CheckpointSaver``.
     """
 
     def __init__(self, *args, engine_key: str = "trainer", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
+        self.n_saved = kwargs.get("n_saved")
+        self.file_prefix = kwargs.get("file_prefix", "")
 
     def attach(self, engine: Engine) -> None:
         # Ignite's Checkpoint keeps a reference to this dict, so the engine is saved from now on.
         self.save_dict[self.engine_key] = engine
         super().attach(engine)
+
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        if self.n_saved:
+            prune_checkpoints(self.save_dir, keep=self.n_saved, prefix=f"{self.file_prefix}_checkpoint" if self.file_prefix else "checkpoint")
 
 
 class EngineCheckpointLoader(CheckpointLoader):

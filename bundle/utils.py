@@ -52,11 +52,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str:
-    """Path of the newest ``<prefix>_epoch=N.pt`` or ``<prefix>_iteration=N.pt`` in ``directory``, or ``""``.
-
-    The empty string lets a config write ``"_disabled_": "$not @resume_path"`` for a fresh start.
-    """
+def _numbered_checkpoints(directory: str | os.PathLike, prefix: str) -> list[tuple[int, str]]:
     pattern = re.compile(rf"{re.escape(prefix)}_(?:epoch|iteration)=(\d+)\.pt$")
     found = []
     if Path(directory).is_dir():
@@ -64,7 +60,29 @@ def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") 
             match = pattern.match(name)
             if match:
                 found.append((int(match.group(1)), os.path.join(directory, name)))
-    return max(found)[1] if found else ""
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """Path of the newest ``<prefix>_epoch=N.pt`` or ``<prefix>_iteration=N.pt`` in ``directory``, or ``""``.
+
+    The empty string lets a config write ``"_disabled_": "$not @resume_path"`` for a fresh start.
+    """
+    found = _numbered_checkpoints(directory, prefix)
+    return found[-1][1] if found else ""
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "checkpoint") -> list[str]:
+    """Deletes all but the ``keep`` newest numbered checkpoints; returns the deleted paths.
+
+    Ignite's ``n_saved`` only knows the files its own process wrote, so a resumed run would otherwise keep
+    every earlier run's last checkpoint forever.
+    """
+    found = _numbered_checkpoints(directory, prefix)
+    doomed = [path for _, path in found[: max(0, len(found) - keep)]]
+    for path in doomed:
+        Path(path).unlink(missing_ok=True)
+    return doomed
 
 
 def to_uint8(image: torch.Tensor | np.ndarray, low: float = 0.0, high: float = 1.0) -> np.ndarray:

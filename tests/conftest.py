@@ -13,12 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Small enough for a 2-core CPU, large enough to exercise every code path.
-TINY_NETWORK = [
-    "--network_def#channels", "[16, 32]",
-    "--network_def#num_res_channels", "[16, 16]",
-    "--network_def#num_embeddings", "64",
-    "--network_def#embedding_dim", "16",
-]
+TINY_NETWORK = ["--channels", "[16, 32]", "--num_res_channels", "[16, 16]", "--num_embeddings", "64", "--embedding_dim", "16"]
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,9 @@ def _prepare(
         labels = labels.to(device=device, dtype=torch.long)
     # draw on the generator's device (CPU by default) so a seed gives the same maps everywhere
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(num_samples, int(shape[0]), int(shape[1]), generator=generator, dtype=torch.float64, device=gen_device)
+    u = torch.rand(
+        num_samples, int(shape[0]), int(shape[1]), generator=generator, dtype=torch.float64, device=gen_device
+    )
     # stored [H, W, N] so the draws for one position are contiguous
     return device, labels, u.permute(1, 2, 0).contiguous().to(device)
 

@@ -114,3 +114,11 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], gap
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def report_outputs(paths: dict[str, str]) -> None:
+    """Prints where a workflow left its outputs, marking the ones that are missing."""
+    print("\nOutputs:")
+    for name, path in paths.items():
+        status = "" if os.path.exists(path) else "  (not written)"
+        print(f"  {name:<16} {os.path.abspath(path)}{status}")

@@ -121,7 +121,8 @@ def main() -> None:
     sample_fast(model, (2, width), n, labels=labels, generator=gen())
 
     with torch.no_grad():
-        t_forward, _ = timed(lambda: model(codes, labels), device, args.repeats)
+        # cheap, so a few more repeats against bursts of load
+        t_forward, _ = timed(lambda: model(codes, labels), device, max(5, args.repeats))
     t_fast, fast_codes = timed(
         lambda: sample_fast(model, (height, width), n, labels=labels, generator=gen()), device, args.repeats
     )

@@ -1,0 +1,112 @@
+"""``generate``: a new slice sampled from the bundle's PixelCNN prior and decoded by its VQ-VAE.
+
+MONAI Label's ``/infer`` always takes an image; this task uses it only for the output's geometry (size and
+affine), never for its content.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.transforms import LoadImaged, ResizeWithPadOrCrop
+from monai.utils import convert_to_tensor
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.bundle_config import ensure_importable, inference_config
+from lib.nifti import write_like_input
+
+logger = logging.getLogger(__name__)
+
+
+def _optional_int(value: Any) -> int | None:
+    """``None``, ``""``, ``"none"`` and negative numbers mean "not given"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    value = int(float(value))  # UI params may arrive as strings such as "7" or "7.0"
+    return None if value < 0 else value
+
+
+class GenerateInfer(BasicInferTask):
+    """Samples one slice from the prior (``bundle.generation.generate``), padded or cropped to the request
+    image's size (as ``Invertd`` does for a reconstruction) and written with its affine.
+
+    Request params: ``temperature`` (float, default 1.0), ``seed`` (int; -1 or absent: a fresh random seed,
+    reported back in the result), ``label`` (class of a conditioned prior; -1 or absent: class 0 / none).
+    Weights: ``<bundle>/models/model.pt`` and ``<bundle>/models/prior/prior.pt``, loaded strictly.
+    """
+
+    def __init__(self, bundle_dir: str, conf: dict[str, str], overrides: dict[str, Any] | None = None, **kwargs: Any):
+        ensure_importable(bundle_dir)
+        self.bundle_dir = bundle_dir
+        self.overrides = dict(overrides or {})
+        parser = inference_config(bundle_dir, self.overrides)
+        self.image_size = tuple(int(s) for s in parser.get_parsed_content("image_size"))
+        self.latent_shape = tuple(int(s) for s in parser.get_parsed_content("latent_shape"))
+        self.num_classes = int(parser.get_parsed_content("num_classes"))
+        self.vqvae_path = parser.get_parsed_content("ckpt_path")
+        self.prior_path = parser.get_parsed_content("prior_ckpt_path")
+        config: dict[str, Any] = {"temperature": 1.0, "seed": -1}
+        if self.num_classes:
+            config["label"] = -1
+        super().__init__(
+            path=[self.vqvae_path, self.prior_path],
+            network=None,
+            type=InferType.OTHERS,
+            labels=None,
+            dimension=2,
+            description=f"A new {self.image_size[0]}x{self.image_size[1]} slice from the PixelCNN prior "
+            "(the image gives only the output's size and affine)",
+            config=config,
+            load_strict=True,
+            **kwargs,
+        )
+        self._sampling_networks: dict[str, tuple[torch.nn.Module, torch.nn.Module, tuple[float, float]]] = {}
+
+    def is_valid(self) -> bool:
+        return os.path.isfile(self.vqvae_path) and os.path.isfile(self.prior_path)
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        from bundle.transforms import EnsureSlice2Dd  # refuses 3D volumes, drops singleton axes
+
+        return [LoadImaged(keys="image", image_only=False, ensure_channel_first=True), EnsureSlice2Dd(keys="image")]
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return []
+
+    def _load_networks(self, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+        import bundle.codes
+
+        stamp = (os.stat(self.vqvae_path).st_mtime, os.stat(self.prior_path).st_mtime)
+        cached = self._sampling_networks.get(device)
+        if cached is None or cached[2] != stamp:  # (re)load when the weight files change, like BasicInferTask
+            parser = inference_config(self.bundle_dir, self.overrides)
+            vqvae = bundle.codes.load_weights(parser.get_parsed_content("network_def"), self.vqvae_path, device)
+            prior = bundle.codes.load_weights(parser.get_parsed_content("prior_def"), self.prior_path, device)
+            cached = self._sampling_networks[device] = (vqvae, prior, stamp)
+        return cached[0], cached[1]
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cpu") -> dict[str, Any]:
+        import bundle.generation
+
+        temperature = float(data.get("temperature", 1.0))
+        if not temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 picks the most likely code), got {temperature}")
+        seed = _optional_int(data.get("seed"))
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        label = _optional_int(data.get("label")) if self.num_classes else None
+        vqvae, prior = self._load_networks(device)
+        images, _ = bundle.generation.generate(vqvae, prior, 1, self.latent_shape, temperature, seed, label)
+        size = tuple(data["image"].shape[1:])  # the request image, channel first and 2D after EnsureSlice2Dd
+        image = images[0] if size == self.image_size else ResizeWithPadOrCrop(spatial_size=size)(images[0])
+        data["pred"] = convert_to_tensor(image, track_meta=False)
+        data["result"] = {"seed": seed, "temperature": temperature, "label": label}
+        logger.info(f"Generated a slice with seed {seed}, temperature {temperature}, label {label}")
+        return data
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[str, dict[str, Any]]:
+        return write_like_input(data, "pred", prefix="generate"), dict(data["result"])

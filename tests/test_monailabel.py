@@ -1,0 +1,169 @@
+"""MONAI Label integration: BundleInferTask on configs/inference.json, and the app in apps/monailabel served.
+
+MONAI Label lives in its own environment (``bash scripts/setup_monailabel.sh`` makes ``.venv-monailabel``), so
+this test prepares everything here (bundle copies with weights, studies) and runs tests/monailabel_client.py
+there; then it checks the NIfTI files that came back. Nothing is written into the repository: the app, the
+studies and the bundle are copies under a temporary directory (MONAI Label writes into its app and studies
+folders). The weights are untrained (random) networks built from configs/inference.json: this checks the
+plumbing (loading, geometry, value range), not image quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+VENV_PYTHON = ROOT / ".venv-monailabel" / "bin" / "python"
+
+# Network sizes of the weights the app serves (and the app's --conf overrides): small, and other than the
+# defaults, so that serving them proves the overrides reach both tasks.
+TINY = {"channels": [16, 32], "num_res_channels": [16, 16], "num_embeddings": 64, "embedding_dim": 16,
+        "prior_channels": 16, "prior_layers": 3, "prior_head_channels": 32}
+
+# Two request images with non-trivial geometry: a 256 x 128 slice, and a 256 x 144 one stored with a trailing
+# singleton axis, rotated in-plane, with another intensity scale.
+ROTATION = 0.3
+STUDIES = {
+    "slice_a": {"case": 1, "index": 5, "width": 128, "trailing": False, "scale": 1.0,
+                "affine": [[0.9, 0, 0, -100], [0, 1.1, 0, -80], [0, 0, 3, 12], [0, 0, 0, 1]]},
+    "slice_b": {"case": 2, "index": 8, "width": 144, "trailing": True, "scale": 1000.0,
+                "affine": [[0.8 * np.cos(ROTATION), -1.2 * np.sin(ROTATION), 0, 10],
+                           [0.8 * np.sin(ROTATION), 1.2 * np.cos(ROTATION), 0, -20], [0, 0, 2.5, 33], [0, 0, 0, 1]]},
+}
+
+
+def _copy_bundle(target: Path) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("configs", "bundle"):
+        shutil.copytree(ROOT / folder, target / folder, ignore=ignore)
+    return target
+
+
+def _save_weights(bundle_dir: Path, overrides: dict) -> None:
+    """Untrained networks as configs/inference.json builds them (with ``overrides``), in the bundle's layout."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser.update(overrides)
+    torch.manual_seed(0)
+    (bundle_dir / "models" / "prior").mkdir(parents=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle_dir / "models" / "model.pt")
+    torch.save(parser.get_parsed_content("prior_def").state_dict(), bundle_dir / "models" / "prior" / "prior.pt")
+
+
+def _write_studies(folder: Path) -> None:
+    from bundle.phantom import phantom_slice
+
+    folder.mkdir()
+    for name, spec in STUDIES.items():
+        image, _ = phantom_slice(spec["case"], spec["index"], 16, spec["width"], 0)
+        image = image.astype(np.float32) * spec["scale"]
+        if spec["trailing"]:
+            image = image[..., None]
+        nib.save(nib.Nifti1Image(image, np.asarray(spec["affine"], dtype=np.float64)), folder / f"{name}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if not VENV_PYTHON.is_file():
+        pytest.fail(f"{VENV_PYTHON.parent.parent} is missing: MONAI Label needs its own environment. "
+                    "Create it with: bash scripts/setup_monailabel.sh")
+    tmp = tmp_path_factory.mktemp("monailabel")
+    app = tmp / "app"
+    shutil.copytree(ROOT / "apps" / "monailabel", app,
+                    ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin", ".env"))
+    _save_weights(_copy_bundle(tmp / "bundle"), TINY)
+    default = _copy_bundle(tmp / "bundle_default")
+    _save_weights(default, {})
+    extra = torch.load(default / "models" / "model.pt", weights_only=True)
+    extra["not_in_the_network"] = torch.zeros(1)
+    torch.save(extra, default / "models" / "model_extra_key.pt")
+    _write_studies(tmp / "studies")
+    out = tmp / "out"
+    command = [str(VENV_PYTHON), str(ROOT / "tests" / "monailabel_client.py"), "--app", str(app),
+               "--studies", str(tmp / "studies"), "--bundle", str(tmp / "bundle"), "--overrides", json.dumps(TINY),
+               "--default-bundle", str(tmp / "bundle_default"), "--out", str(out)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env.pop("PYTHONPATH", None)  # nothing from .venv's path may leak into .venv-monailabel
+    result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=300, env=env)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"summary": summary, "studies": tmp / "studies", "app": app}
+
+
+def _load(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    image = nib.load(path)
+    return np.asarray(image.get_fdata(dtype=np.float32)), image.affine, image.shape
+
+
+def _check_like_input(result: str | Path, study: Path) -> np.ndarray:
+    data, affine, shape = _load(result)
+    source = nib.load(study)
+    assert shape == source.shape, f"{result}: shape {shape} != input {source.shape}"
+    np.testing.assert_allclose(affine, source.affine, atol=1e-5, err_msg=f"{result}: affine differs from the input's")
+    assert np.isfinite(data).all() and data.min() >= 0.0 and data.max() <= 1.0, f"{result}: values outside [0, 1]"
+    assert nib.load(result).get_data_dtype() == np.float32
+    return data
+
+
+def test_bundle_infer_task_loads_inference_json_strictly(served: dict) -> None:
+    direct = served["summary"]["direct"]
+    assert direct["plain_valid"]
+    assert not direct["torchvision_left_in_sys_modules"], "the torchvision stand-in must not outlive the import"
+    assert sorted(direct["plain"]) == ["slice_a.nii.gz", "slice_b.nii.gz"]
+    for name, path in direct["plain"].items():
+        data, _, shape = _load(path)
+        size = (256, STUDIES[name.split(".")[0]]["width"])
+        assert tuple(s for s in shape if s != 1) == size, f"{name}: {shape}"  # Invertd restored the input's size
+        assert np.isfinite(data).all() and 0.0 <= data.min() and data.max() <= 1.0
+    assert direct["model_filenames"] == ["model.pt", "model_extra_key.pt"]
+    assert "Unexpected key(s)" in (direct["unexpected_key_error"] or ""), direct["unexpected_key_error"]
+    assert "size mismatch" in (direct["size_mismatch_error"] or ""), direct["size_mismatch_error"]
+
+
+def test_info_lists_both_models(served: dict) -> None:
+    info = served["summary"]["server"]["info"]
+    assert sorted(info["models"]) == ["generate", "reconstruct"]
+    for model in info["models"].values():
+        assert model["type"] == "others" and model["dimension"] == 2
+    assert info["models"]["generate"]["config"]["seed"] == -1
+    assert served["summary"]["server"]["images"] == ["slice_a", "slice_b"]
+    assert served["summary"]["server"]["unknown_model_status"] >= 400
+
+
+def test_reconstruct_and_generate_keep_the_input_geometry(served: dict) -> None:
+    infer = served["summary"]["server"]["infer"]
+    for name, spec in STUDIES.items():
+        study = served["studies"] / f"{name}.nii.gz"
+        reconstruction = _check_like_input(infer[f"reconstruct/{name}"]["file"], study)
+        generated = _check_like_input(infer[f"generate/{name}"]["file"], study)
+        assert not np.allclose(reconstruction, generated), f"{name}: generate returned the reconstruction"
+        assert generated.std() > 0 and reconstruction.std() > 0
+        if spec["width"] > 128:  # sampled at 256 x 128, padded back to the input's width with zeros
+            margin = (spec["width"] - 128) // 2
+            assert np.all(generated[:, :margin] == 0) and np.all(generated[:, -margin:] == 0)
+    # the same seed gives the same slice; the slice does not depend on the request image's content
+    a = _load(infer["generate/slice_a"]["file"])[0]
+    b = _load(infer["generate/slice_b"]["file"])[0].reshape(256, 144)[:, 8:136]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_generate_reports_its_seed(served: dict) -> None:
+    server = served["summary"]["server"]
+    assert server["generate_seed_7"]["seed"] == 7 and server["generate_seed_7"]["temperature"] == 1.0
+    assert isinstance(server["generate_random"]["seed"], int) and server["generate_random"]["seed"] >= 0
+

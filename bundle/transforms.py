@@ -1,14 +1,15 @@
-"""The one transform MONAI lacks for this data: make any loaded slice a clean single-channel 2D image."""
+"""Transforms MONAI lacks for this data: loading that names a broken file, and a clean single-channel 2D slice."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, Transform
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class EnsureSlice2D(Transform):
             img = torch.where(bad, torch.zeros_like(img), img)
         if isinstance(img, MetaTensor):
             # Keep the 2D view of the geometry consistent with the new shape for the writers.
-            img.meta["spatial_shape"] = torch.tensor(spatial)
+            img.meta["spatial_shape"] = np.asarray(spatial)
         return img
 
 
@@ -86,3 +87,18 @@ class EnsureSlice2Dd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+class SafeLoadImaged(LoadImaged):
+    """``LoadImaged`` whose read errors name the file.
+
+    A truncated ``.nii.gz`` otherwise fails with a bare ``EOFError`` from ``gzip`` and no hint of which of
+    thousands of files is broken. Arguments are those of :class:`monai.transforms.LoadImaged`.
+    """
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as error:
+            paths = [str(data.get(key)) for key in self.keys if key in data]
+            raise ValueError(f"cannot read {', '.join(repr(p) for p in paths)}: {type(error).__name__}: {error}") from error

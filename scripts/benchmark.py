@@ -11,26 +11,29 @@ It uses CUDA when present (``--device`` overrides), otherwise the CPU. What is m
 1. **Trainer vs plain loop** — images/s of the bundle's Ignite trainer, built from ``configs/train.json`` with
    ``monai.bundle.ConfigParser`` (phantom data in a temp dir, temp output folders, validation switched off with a
    huge ``val_interval``; every other handler, file writers included, stays), against a plain PyTorch loop over
-   a second instance of the same ``network_def`` that iterates THE SAME config ``DataLoader`` (same cached data
-   set, same augmentations, same batch size) with the same loss (L1 + quantisation loss) and the config's
-   autocast / channels-last settings. Only steady-state iterations count: the interval between consecutive
-   iteration ends inside an epoch (the first iteration of every epoch and a whole warm-up round are dropped).
-   The end-of-epoch handlers (checkpoint, codebook statistics) are timed separately. The same plain step on
-   preloaded tensors is reported too, so the data-loading share is visible.
+   a second instance of the same ``network_def`` (same initial weights) that draws its batches from THE SAME
+   config ``DataLoader`` (same cached data set, same augmentations, same batch size), with the same loss
+   (L1 + quantisation loss) and the config's autocast / channels-last settings. Only steady-state iterations
+   count: the first epoch is a warm-up and the first iteration of every epoch is reported apart. The same plain
+   step on preloaded tensors is reported too, so the data-loading share is visible.
 2. **Achieved FLOP/s** of a VQ-VAE training step (``torch.utils.flop_counter.FlopCounterMode`` on one
-   forward + backward) against the matrix-multiply peak measured in the same run (large fp32 and bf16 matmuls).
+   forward + backward) against the matrix-multiply peak measured in the same run (large fp32 and bf16 products,
+   as ``torch.mm`` and as a 1x1 convolution; the faster of the two is the peak).
 3. **fp32 / bf16 autocast / channels_last / bf16 + channels_last** VQ-VAE training steps (preloaded batches).
 4. **Data pipeline alone**: images/s out of the config's training ``DataLoader`` (``CacheDataset``, augmentation
    on the fly) against what the trainer consumes.
 5. **PixelCNN sampling**, naive vs fast (cached), seconds per batch of code maps and of decoded slices, through
    ``scripts/benchmark_sampling.py`` (imported; the prior has the sizes of ``configs/inference.json``).
 6. **Inference**: ms per slice for reconstruction with the inference network and inferer of
-   ``configs/inference.json`` (batch 1 and 16) and for encoding to codes (``index_quantize``, eval mode).
+   ``configs/inference.json`` (batch 1 and 16) and for encoding to codes (``index_quantize``, eval mode); the
+   same in bf16 + channels-last for comparison.
 7. **PixelCNN training step** (code maps/s), fp32 vs bf16 autocast.
 
-The machine may be shared, so every timing is taken in ONE process with the variants interleaved: each round
-runs every training variant in turn (the order rotates between rounds), and the reported step time is the
-MEDIAN over rounds; ratios are computed from these medians (the per-round paired ratios are in the JSON). The
+The machine may be shared, so 1, 3, 4 and 7 are measured side by side in ONE trainer run: after every trainer
+iteration, a handler runs one plain-loop iteration, one batch of the data pipeline and the next two of the
+training variants in turn, each timed on its own, and the trainer's own iteration is timed from the end of that
+work to its next iteration end. Load bursts thus hit every variant alike; each figure is the MEDIAN over the
+timed epochs, and the trainer/plain ratio is also given as the median of per-iteration paired ratios. The
 matmul peak is the BEST of its repeats (a peak). The load average before and after is recorded: compare runs
 only when it was similar. Weights are random (cost does not depend on them), except that the trainer's own
 handlers (k-means codebook init, dead-code restarts) run as in a real training.
@@ -115,8 +118,8 @@ def machine(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- config ---
-def train_parser(data_dir: str, work_dir: str, batch_size: int | None, device: str | None):
-    """``configs/train.json`` with temp data/output folders, one epoch per ``run()``, validation off."""
+def train_parser(data_dir: str, work_dir: str, batch_size: int | None, device: str | None, max_epochs: int = 1):
+    """``configs/train.json`` with temp data and output folders, validation off, no resume."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -126,7 +129,7 @@ def train_parser(data_dir: str, work_dir: str, batch_size: int | None, device: s
         "dataset_dir": data_dir,
         "output_dir": os.path.join(work_dir, "outputs"),
         "ckpt_dir": os.path.join(work_dir, "models"),
-        "max_epochs": 1,  # the benchmark runs the trainer one epoch at a time
+        "max_epochs": max_epochs,
         "val_interval": 10**9,  # no validation inside the timed epochs
         "resume": False,
     }
@@ -205,47 +208,65 @@ def matmul_peak(device: torch.device, size: int, repeats: int) -> dict:
     return out
 
 
-class IterationClock:
-    """Timestamps the end of every iteration; ``intervals`` are the steady-state ones (within an epoch)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
-
-    def start_epoch(self) -> None:
-        self.stamps = []
-
-    def tick(self, *_) -> None:
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
+def forever(loader):
+    """Batches of ``loader``, epoch after epoch (a fresh iterator, so a fresh shuffle, each time)."""
+    while True:
+        yield from loader
 
 
-def interleave(tasks: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list]:
-    """Runs a warm-up round, then ``rounds`` rounds of every task, rotating the order each round.
+def timed_s(fn: Callable[[], object], device: torch.device) -> float:
+    return benchmark_sampling.timed(fn, device)[0]
 
-    Each task returns a list of per-item seconds; returns ``{name: [list per round]}`` for the timed rounds.
+
+class Lockstep:
+    """Times the trainer's own iterations and runs the other training variants between them.
+
+    Attached LAST to ``Events.ITERATION_COMPLETED``, so it sees the end of every trainer iteration (all the
+    config's per-iteration handlers included). Each call then runs, timed one by one: one plain-loop iteration
+    (its next batch from its own iterator over the same config DataLoader, then the step), one batch of the data
+    pipeline alone, and the next ``per_iteration`` companions in a fixed rotation. The trainer's iteration time
+    is measured from the end of that work to the next call: it contains the trainer's batch fetch, its step and
+    its handlers, and nothing of the companions. So every variant runs side by side with the trainer, seconds
+    apart, and load bursts hit them alike. The first iteration of each epoch (new iterator, epoch-end handlers
+    of the previous epoch) is kept apart as ``boundary``.
     """
-    names = list(tasks)
-    samples: dict[str, list] = defaultdict(list)
-    for r in range(-1, rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            values = tasks[name]()
-            if r >= 0:
-                samples[name].append(values)
-        log(f"round {'warm-up' if r < 0 else r + 1}/{rounds} done")
-    return samples
+
+    def __init__(self, device: torch.device, plain: Callable[[], object], data: Callable[[], object],
+                 companions: dict[str, Callable[[], object]], per_iteration: int) -> None:
+        self.device, self.plain, self.data, self.per_iteration = device, plain, data, per_iteration
+        self.companions = companions
+        self.rotation = cycle(list(companions))
+        self.resume: float | None = None
+        # name -> [(epoch, iteration, seconds)]
+        self.samples: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
+
+    def __call__(self, engine) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        epoch, iteration = engine.state.epoch, engine.state.iteration
+        if self.resume is not None:
+            first = (iteration - 1) % engine.state.epoch_length == 0
+            self.samples["trainer_boundary" if first else "trainer"].append((epoch, iteration, now - self.resume))
+        self.samples["plain_loop"].append((epoch, iteration, timed_s(self.plain, self.device)))
+        self.samples["data_pipeline"].append((epoch, iteration, timed_s(self.data, self.device)))
+        for _ in range(self.per_iteration):
+            name = next(self.rotation)
+            self.samples[name].append((epoch, iteration, timed_s(self.companions[name], self.device)))
+        sync(self.device)
+        self.resume = time.perf_counter()
+
+    def seconds(self, name: str, skip_epochs: int = 1) -> list[float]:
+        """Timings of ``name`` after the warm-up epoch(s)."""
+        return [s for e, _, s in self.samples[name] if e > skip_epochs]
+
+    def paired_ratios(self, num: str, den: str, skip_epochs: int = 1) -> list[float]:
+        """``num / den`` for the samples taken at the same trainer iteration."""
+        den_at = {i: s for e, i, s in self.samples[den] if e > skip_epochs}
+        return [s / den_at[i] for e, i, s in self.samples[num] if e > skip_epochs and i in den_at]
 
 
-def flat(per_round: list[list[float]]) -> list[float]:
-    return [v for values in per_round for v in values]
-
-
-def step_stats(per_round: list[list[float]], items_per_step: int, flops_per_step: float | None = None,
+def step_stats(values: list[float], items_per_step: int, flops_per_step: float | None = None,
                peak_gflops: float | None = None) -> dict:
-    values = flat(per_round)
     step = median(values)
     out = {"step_s": step, "step_s_best": min(values), "step_s_mean": statistics.fmean(values), "n": len(values),
            "items_per_s": items_per_step / step}
@@ -256,11 +277,6 @@ def step_stats(per_round: list[list[float]], items_per_step: int, flops_per_step
     return out
 
 
-def paired_ratios(num: list[list[float]], den: list[list[float]]) -> list[float]:
-    """Per-round ratio of median times ``median(num_r) / median(den_r)`` (rounds are side by side in time)."""
-    return [median(a) / median(b) for a, b in zip(num, den) if a and b]
-
-
 # ---------------------------------------------------------------------------------------------------- main -----
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,21 +284,17 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's, CUDA when present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--rounds", type=int, default=0, help="timed rounds (0: 3, or 1 with --quick)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="timed trainer epochs after the warm-up epoch (0: 3, or 1 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.chdir(ROOT)  # the configs import `bundle` from the working directory
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    quick = args.quick
-    rounds = args.rounds or (1 if quick else 3)
-
-    from bundle.phantom import write_hipmri_phantoms
-
     work = tempfile.mkdtemp(prefix="bundle-benchmark-")
     try:
-        results = run(args, quick, rounds, work, write_hipmri_phantoms)
+        results = run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(results)
@@ -293,200 +305,178 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def run(args, quick: bool, rounds: int, work: str, write_hipmri_phantoms) -> dict:
-    # ---- data and the trainer from the bundle config ----
-    train_cases = 1 if quick else 6  # x 16 slices: 16 or 96 training images
+def run(args, work: str) -> dict:
+    from ignite.engine import Events
+
+    from bundle.phantom import write_hipmri_phantoms
+
+    quick = args.quick
+    epochs = args.epochs or (1 if quick else 3)
+
+    # ---- data and the trainer, from the bundle config ----
     data_dir = os.path.join(work, "data")
-    counts = write_hipmri_phantoms(data_dir, train_cases=train_cases, val_cases=1, test_cases=1)
+    counts = write_hipmri_phantoms(data_dir, train_cases=1 if quick else 6, val_cases=1, test_cases=1)
     log(f"phantoms written: {counts}")
-    batch_size = 4 if quick else None  # None: the config's (16)
-    config = train_parser(data_dir, work, batch_size, args.device)
+    config = train_parser(data_dir, work, 4 if quick else None, args.device, max_epochs=1 + epochs)
     t = time.perf_counter()
     train_dataset = config.get_parsed_content("train::dataset")  # caches every training image
     cache_s = time.perf_counter() - t
     trainer = config.get_parsed_content("train::trainer")
+    loader = config.get_parsed_content("train::dataloader")  # the trainer's own loader
     device = torch.device(config.get_parsed_content("device"))
-    loader = config.get_parsed_content("train::dataloader")
     image_key = config.get_parsed_content("image")
     batch_size = config.get_parsed_content("batch_size")
     amp, amp_dtype = config.get_parsed_content("amp"), config.get_parsed_content("amp_dtype")
     channels_last = config.get_parsed_content("channels_last")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[amp_dtype]
+    lr = config.get_parsed_content("learning_rate")
     info = machine(device)
-    log(f"trainer built from configs/train.json ({len(train_dataset)} cached training images, {cache_s:.1f} s); "
+    log(f"trainer built from configs/train.json ({len(train_dataset)} cached training images in {cache_s:.1f} s); "
         f"device {device}, batch {batch_size}, amp {amp} ({amp_dtype}), channels_last {channels_last}")
-    iters_per_epoch = len(loader)
 
-    # a second, untouched instance of the same network_def (no CodebookMonitor hooks on it)
+    # a second, untouched instance of the same network_def (no CodebookMonitor hooks), same initial weights
     base = config.get_parsed_content("network_def", lazy=False)
     base.load_state_dict(trainer.network.state_dict())
     base.to(device)
-    lr = config.get_parsed_content("learning_rate")
 
-    # ---- 2. peak and FLOPs ----
+    # ---- 2. peak and FLOP count ----
     peak = matmul_peak(device, 8192 if device.type == "cuda" else 2048, 3 if quick else 5)
-    log("matmul peak GFLOP/s: " + ", ".join(f"{k[:-7]} {v:.1f}" for k, v in peak.items() if k.endswith("_gflops")))
-    batches = [b[image_key].to(device) for b in islice(cycle(loader), max(2, min(4, iters_per_epoch)))]
-    flops = {}
-    for name in ("fp32", "bf16_channels_last"):
-        net = copy.deepcopy(base).to(memory_format=torch.channels_last if VARIANTS[name][1] else torch.contiguous_format)
-        opt = torch.optim.Adam(net.parameters(), lr)
-        flops[name] = count_flops(lambda: vqvae_step(net, opt, batches[0], *VARIANTS[name], dtype))
-    flops_step = flops["fp32"]
-    log(f"VQ-VAE training step: {flops_step / 1e9:.1f} GFLOP per batch of {batch_size}")
+    log("matmul peak GFLOP/s: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in peak.items() if k.endswith("_gflops")))
+    batches = [b[image_key].to(device) for b in islice(forever(loader), 4)]  # preloaded, for the variants
 
-    # ---- models for the interleaved rounds ----
-    variant_nets = {}
-    for name, (_, cl) in VARIANTS.items():
+    def new_vqvae(cl: bool):
         net = copy.deepcopy(base).to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-        variant_nets[name] = (net, torch.optim.Adam(net.parameters(), lr))
-    plain_net = copy.deepcopy(base).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    plain_net.train()
-    plain_opt = torch.optim.Adam(plain_net.parameters(), lr)
-    batch_iter = cycle(batches)
+        return net, torch.optim.Adam(net.parameters(), lr)
 
-    from bundle.networks.pixelcnn import GatedPixelCNN  # noqa: F401  (the config's prior_def target)
-    from ignite.engine import Events
+    flops = {name: count_flops(lambda name=name: vqvae_step(*new_vqvae(VARIANTS[name][1]), batches[0],
+                                                            *VARIANTS[name], dtype))
+             for name in ("fp32", "bf16_channels_last")}
+    flops_step = flops["fp32"]
+    log(f"VQ-VAE training step: {flops_step / 1e9:.1f} GFLOP per batch of {batch_size} (FlopCounterMode)")
 
     prior_base = config.get_parsed_content("prior_def", lazy=False).to(device)
-    num_embeddings = config.get_parsed_content("num_embeddings")
     latent = config.get_parsed_content("latent_shape")
     prior_batch = 4 if quick else config.get_parsed_content("prior_batch_size")
     prior_lr = config.get_parsed_content("prior_learning_rate")
-    codes = torch.randint(0, num_embeddings, (prior_batch, *latent), device=device)
-    prior_nets = {}
-    for name in ("fp32", "bf16"):
+    codes = torch.randint(0, config.get_parsed_content("num_embeddings"), (prior_batch, *latent), device=device)
+
+    def new_prior():
         net = copy.deepcopy(prior_base).train()
-        prior_nets[name] = (net, torch.optim.Adam(net.parameters(), prior_lr))
-    prior_flops = count_flops(lambda: prior_step(*prior_nets["fp32"], codes, False))
+        return net, torch.optim.Adam(net.parameters(), prior_lr)
 
-    # ---- the tasks of one round ----
-    trainer_clock, plain_clock, data_clock = IterationClock(device), IterationClock(device), IterationClock(device)
-    epoch_end: list[float] = []
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: trainer_clock.start_epoch())
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, trainer_clock.tick)  # attached last: runs last
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: epoch_end.append(time.perf_counter() - trainer_clock.stamps[-1]))
+    prior_flops = count_flops(lambda: prior_step(*new_prior(), codes, False))
 
-    def trainer_epoch() -> list[float]:
-        trainer.state.max_epochs = trainer.state.epoch + 1
-        trainer.run()
-        return trainer_clock.intervals()
+    # ---- 1, 3, 4, 7 side by side: the trainer runs, everything else runs between its iterations ----
+    plain_net, plain_opt = new_vqvae(channels_last)
+    plain_batches, data_batches, variant_batches = forever(loader), forever(loader), cycle(batches)
 
-    def plain_epoch() -> list[float]:
-        plain_clock.start_epoch()
-        for batch in loader:
-            loss = vqvae_step(plain_net, plain_opt, batch[image_key].to(device), amp, channels_last, dtype)
-            loss.item()  # what a plain loop logs; the trainer's handlers do the same
-            plain_clock.tick()
-        return plain_clock.intervals()
+    def plain_iteration() -> None:
+        x = next(plain_batches)[image_key].to(device)
+        vqvae_step(plain_net, plain_opt, x, amp, channels_last, dtype).item()  # .item(): what a loop logs
 
-    def data_epoch() -> list[float]:
-        data_clock.start_epoch()
-        for batch in loader:
-            batch[image_key].to(device)
-            data_clock.tick()
-        return data_clock.intervals()
+    companions: dict[str, Callable[[], object]] = {}
+    for name, (amp_v, cl_v) in VARIANTS.items():
+        net, opt = new_vqvae(cl_v)
+        companions[f"vqvae_{name}"] = (lambda net=net, opt=opt, amp_v=amp_v, cl_v=cl_v:
+                                       vqvae_step(net, opt, next(variant_batches), amp_v, cl_v, dtype))
+    for name in ("fp32", "bf16"):
+        net, opt = new_prior()
+        companions[f"prior_{name}"] = lambda net=net, opt=opt, amp_v=name == "bf16": prior_step(net, opt, codes, amp_v)
+    lockstep = Lockstep(device, plain_iteration, lambda: next(data_batches)[image_key].to(device), companions,
+                        per_iteration=2)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lockstep)  # attached last: runs after the config's
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: log(f"trainer epoch {e.state.epoch}/{e.state.max_epochs}"
+                                                                    f"{' (warm-up)' if e.state.epoch == 1 else ''} done"))
+    log(f"trainer: 1 warm-up + {epochs} timed epochs of {len(loader)} iterations; between its iterations: plain "
+        f"loop, data pipeline and 2 of {list(companions)} in turn")
+    t = time.perf_counter()
+    trainer.run()
+    trainer_run_s = time.perf_counter() - t
 
-    def variant_steps(name: str, steps: int) -> Callable[[], list[float]]:
-        net, opt = variant_nets[name]
-        amp_v, cl_v = VARIANTS[name]
-        return lambda: [benchmark_sampling.timed(lambda: vqvae_step(net, opt, next(batch_iter), amp_v, cl_v, dtype),
-                                                 device)[0] for _ in range(steps)]
-
-    def prior_steps(name: str) -> Callable[[], list[float]]:
-        net, opt = prior_nets[name]
-        return lambda: [benchmark_sampling.timed(lambda: prior_step(net, opt, codes, name == "bf16"), device)[0]]
-
-    tasks = {"trainer": trainer_epoch, "plain_loop": plain_epoch, "data_pipeline": data_epoch}
-    tasks.update({f"vqvae_{name}": variant_steps(name, 1 if quick else 2) for name in VARIANTS})
-    tasks.update({f"prior_{name}": prior_steps(name) for name in prior_nets})
-    log(f"interleaved rounds: {list(tasks)}; {iters_per_epoch} iterations per trainer epoch")
-    samples = interleave(tasks, rounds)
-    epoch_end_s = median(epoch_end[1:])  # the warm-up epoch dropped
-
-    # ---- 1, 3, 4, 7: statistics ----
+    # ---- statistics ----
     vq = {}
     for name, (amp_v, _) in VARIANTS.items():
-        vq[name] = step_stats(samples[f"vqvae_{name}"], batch_size, flops_step,
+        vq[name] = step_stats(lockstep.seconds(f"vqvae_{name}"), batch_size, flops_step,
                               peak["bf16_gflops"] if amp_v else peak["fp32_gflops"])
         vq[name]["images_per_s"] = vq[name].pop("items_per_s")
         vq[name]["peak_used"] = "bf16" if amp_v else "fp32"
     speedup = {name: vq["fp32"]["step_s"] / vq[name]["step_s"] for name in VARIANTS if name != "fp32"}
-    config_variant = "bf16_channels_last" if amp and channels_last else "bf16" if amp else (
-        "channels_last" if channels_last else "fp32")
+    config_variant = {(False, False): "fp32", (True, False): "bf16", (False, True): "channels_last",
+                      (True, True): "bf16_channels_last"}[(bool(amp), bool(channels_last))]
 
-    trainer_s = median(flat(samples["trainer"]))
-    plain_s = median(flat(samples["plain_loop"]))
-    data_s = median(flat(samples["data_pipeline"]))
-    preloaded_s = vq[config_variant]["step_s"]
-    trainer_ips, plain_ips = batch_size / trainer_s, batch_size / plain_s
+    trainer_s, plain_s = median(lockstep.seconds("trainer")), median(lockstep.seconds("plain_loop"))
+    data_s, preloaded_s = median(lockstep.seconds("data_pipeline")), vq[config_variant]["step_s"]
+    paired = lockstep.paired_ratios("plain_loop", "trainer")
+    boundary = lockstep.seconds("trainer_boundary")
     tvp = {
-        "trainer_images_per_s": trainer_ips,
-        "plain_loop_images_per_s": plain_ips,
-        "ratio": trainer_ips / plain_ips,
-        "ratio_mean_based": statistics.fmean(flat(samples["plain_loop"])) / statistics.fmean(flat(samples["trainer"])),
-        "paired_round_ratios": paired_ratios(samples["plain_loop"], samples["trainer"]),
+        "trainer_images_per_s": batch_size / trainer_s,
+        "plain_loop_images_per_s": batch_size / plain_s,
+        "ratio": plain_s / trainer_s,
+        "ratio_paired_median": median(paired),
+        "ratio_mean_based": statistics.fmean(lockstep.seconds("plain_loop")) / statistics.fmean(lockstep.seconds("trainer")),
+        "ratio_best_based": min(lockstep.seconds("plain_loop")) / min(lockstep.seconds("trainer")),
+        "paired_ratios": paired,
         "target": 0.95,
         "plain_loop_preloaded_images_per_s": batch_size / preloaded_s,
         "plain_loop_preloaded_variant": config_variant,
         "trainer_step_s": trainer_s,
         "plain_loop_step_s": plain_s,
-        "trainer_iterations_timed": len(flat(samples["trainer"])),
-        "iterations_per_epoch": iters_per_epoch,
-        "epoch_end_handlers_s": epoch_end_s,
-        "settings": {"amp": amp, "amp_dtype": amp_dtype, "channels_last": channels_last, "batch_size": batch_size},
+        "trainer_iterations_timed": len(lockstep.seconds("trainer")),
+        "iterations_per_epoch": len(loader),
+        "epoch_boundary_extra_s": median(boundary) - trainer_s if boundary else None,
+        "trainer_run_s_with_companions": trainer_run_s,
+        "settings": {"amp": amp, "amp_dtype": amp_dtype, "channels_last": channels_last, "batch_size": batch_size,
+                     "val_interval": "off (10**9)"},
     }
     tvp["meets_target"] = tvp["ratio"] >= tvp["target"]
     data = {
         "images_per_s": batch_size / data_s,
         "batch_s": data_s,
-        "trainer_images_per_s": trainer_ips,
+        "trainer_images_per_s": batch_size / trainer_s,
         "headroom_vs_trainer": trainer_s / data_s,
         "share_of_trainer_step": data_s / trainer_s,
         "cache_build_s": cache_s,
         "cached_images": len(train_dataset),
         "num_workers": config.get_parsed_content("num_workers"),
-        # the plain loop on the loader should cost about (preloaded step + loader batch)
-        "plain_loop_minus_preloaded_s": plain_s - preloaded_s,
+        "plain_loop_minus_preloaded_step_s": plain_s - preloaded_s,
     }
     prior = {"flops_per_step": prior_flops, "batch_size": prior_batch, "latent": list(latent)}
-    for name in prior_nets:
-        stats = step_stats(samples[f"prior_{name}"], prior_batch, prior_flops,
-                           peak["bf16_gflops"] if name == "bf16" else peak["fp32_gflops"])
+    for name in ("fp32", "bf16"):
+        stats = step_stats(lockstep.seconds(f"prior_{name}"), prior_batch, prior_flops, peak[f"{name}_gflops"])
         stats["maps_per_s"] = stats.pop("items_per_s")
         prior[name] = stats
     prior["bf16_speedup"] = prior["fp32"]["step_s"] / prior["bf16"]["step_s"]
-    prior["paired_round_speedups"] = paired_ratios(samples["prior_fp32"], samples["prior_bf16"])
-    del trainer, variant_nets, prior_nets, plain_net
+    del trainer, companions, plain_net, lockstep
 
     # ---- 6. inference ----
-    inference = inference_benchmark(args.device, 2 if quick else 5, 2 if quick else 4)
+    inference, decoder = inference_benchmark(args.device, 2 if quick else 5, 2 if quick else 4)
     log("inference done")
 
     # ---- 5. sampling, through scripts/benchmark_sampling.py ----
-    sampling = sampling_benchmark(config, quick, work, inference.pop("_decode"))
+    sampling = sampling_benchmark(config, quick, work, decoder, device)
     log("sampling done")
 
     info["load_average_end"] = list(os.getloadavg())
     return {
         "schema": 1,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join(["python", *sys.argv]),
         "quick": quick,
         "machine": info,
         "settings": {
-            "device": str(device), "rounds": rounds, "batch_size": batch_size, "training_images": len(train_dataset),
-            "image_size": config.get_parsed_content("image_size"), "channels": config.get_parsed_content("channels"),
+            "device": str(device), "timed_epochs": epochs, "batch_size": batch_size,
+            "training_images": len(train_dataset), "image_size": config.get_parsed_content("image_size"),
+            "channels": config.get_parsed_content("channels"),
             "num_res_channels": config.get_parsed_content("num_res_channels"),
-            "num_embeddings": num_embeddings, "embedding_dim": config.get_parsed_content("embedding_dim"),
-            "statistic": "median step time over interleaved rounds (warm-up round dropped); peak: best of repeats",
+            "num_embeddings": config.get_parsed_content("num_embeddings"),
+            "embedding_dim": config.get_parsed_content("embedding_dim"),
+            "statistic": "median over the timed epochs, variants interleaved with the trainer's iterations; "
+                         "matmul peak: best of repeats",
         },
         "peak_matmul": peak,
         "vqvae_flops": {"per_step_fp32": flops["fp32"], "per_step_bf16_channels_last": flops["bf16_channels_last"],
                         "per_image": flops_step / batch_size, "batch_size": batch_size},
         "vqvae_train_step": vq,
         "vqvae_speedup_vs_fp32": speedup,
-        "vqvae_paired_round_speedups": {
-            name: paired_ratios(samples["vqvae_fp32"], samples[f"vqvae_{name}"]) for name in speedup},
         "trainer_vs_plain": tvp,
         "data_pipeline": data,
         "prior_train_step": prior,
@@ -496,7 +486,7 @@ def run(args, quick: bool, rounds: int, work: str, write_hipmri_phantoms) -> dic
     }
 
 
-def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> dict:
+def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> tuple[dict, torch.nn.Module]:
     """ms per slice: the inference network/inferer of configs/inference.json, and index_quantize (eval mode)."""
     from bundle.inferers import AutocastInferer
 
@@ -531,8 +521,7 @@ def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> dict
                      "weights": "random"}
     out["bf16_channels_last_max_abs_diff"] = float((ref - fast).abs().max())
     out["bf16_channels_last_code_agreement"] = float((codes_ref == codes_fast).float().mean())
-    out["_decode"] = (net, device)
-    return out
+    return out, net
 
 
 def _encode_fast(net, x: torch.Tensor) -> torch.Tensor:
@@ -540,7 +529,7 @@ def _encode_fast(net, x: torch.Tensor) -> torch.Tensor:
         return net.index_quantize(x.contiguous(memory_format=torch.channels_last))
 
 
-def sampling_benchmark(config, quick: bool, work: str, decode: tuple) -> dict:
+def sampling_benchmark(config, quick: bool, work: str, net: torch.nn.Module, device: torch.device) -> dict:
     """Naive vs fast sampling by ``benchmark_sampling.main`` with the config's prior sizes, plus decoding."""
     latent = config.get_parsed_content("latent_shape")
     num_samples = 1 if quick else 4
@@ -567,7 +556,6 @@ def sampling_benchmark(config, quick: bool, work: str, decode: tuple) -> dict:
     with open(out_json) as f:
         raw = json.load(f)
     full = raw["results"]["full"]
-    net, device = decode
     codes = torch.randint(0, config.get_parsed_content("num_embeddings"), (num_samples, *latent), device=device)
     with torch.no_grad():
         net.decode_samples(codes)  # warm-up
@@ -598,8 +586,8 @@ def print_table(r: dict) -> None:
     print(f"versions: python {m['python']} | torch {m['torch']} | monai {m['monai']} | ignite {m['ignite']}")
     la, lb = m["load_average_start"], m["load_average_end"]
     print(f"load    : {la[0]:.2f} at start, {lb[0]:.2f} at end (1-min load average; "
-          f"{m['cpu_cores']} cores) | {'QUICK' if r['quick'] else 'full'} run, {r['settings']['rounds']} interleaved "
-          f"rounds, medians | wall {r['wall_s']:.0f} s")
+          f"{m['cpu_cores']} cores) | {'QUICK' if r['quick'] else 'full'} run, {r['settings']['timed_epochs']} timed "
+          f"epoch(s), variants interleaved, medians | wall {r['wall_s']:.0f} s")
     rows: list[tuple[str, str, str]] = []
 
     def section(title: str) -> None:
@@ -614,9 +602,11 @@ def print_table(r: dict) -> None:
     row("Ignite trainer", f"{t['trainer_images_per_s']:.2f} img/s", f"{t['trainer_iterations_timed']} steady-state iterations")
     row("plain loop, same DataLoader", f"{t['plain_loop_images_per_s']:.2f} img/s")
     row("ratio trainer / plain", f"{t['ratio']:.3f}", f"target >= {t['target']} ({'met' if t['meets_target'] else 'NOT met'}); "
-        f"per round {', '.join(f'{v:.3f}' for v in t['paired_round_ratios'])}")
+        f"paired per iteration {t['ratio_paired_median']:.3f}, best-based {t['ratio_best_based']:.3f}")
     row("plain loop, preloaded tensors", f"{t['plain_loop_preloaded_images_per_s']:.2f} img/s", "no data loading")
-    row("end-of-epoch handlers", f"{t['epoch_end_handlers_s']:.3f} s/epoch", "checkpoint + codebook stats (not in the ratio)")
+    if t["epoch_boundary_extra_s"] is not None:
+        row("epoch boundary", f"{t['epoch_boundary_extra_s']:+.3f} s/epoch",
+            "first iteration of an epoch minus a steady one: epoch-end handlers, new iterator (not in the ratio)")
     section(f"2./3. VQ-VAE training step, batch {s['batch_size']}, {r['vqvae_flops']['per_image'] / 1e9:.2f} GFLOP/image "
             f"(FlopCounterMode); matmul peak fp32 {r['peak_matmul']['fp32_gflops']:.0f}, bf16 "
             f"{r['peak_matmul']['bf16_gflops']:.0f} GFLOP/s (best of mm and 1x1 conv, {r['peak_matmul']['size']}^3)")

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 
-def direct_bundle_infer_task(app_dir: str, default_bundle: str, tiny_bundle: str, studies: list[Path], out: Path) -> dict:
+def direct_bundle_infer_task(app_dir: str, default_bundle: str, tiny_bundle: str, studies: list[Path],
+                             out: Path) -> dict:
     sys.path.insert(0, app_dir)  # lib.compat: BundleInferTask importable without torchvision
     from lib.compat import import_bundle_infer_task
 
@@ -91,7 +92,8 @@ def serve(app_dir: str, studies_dir: str, conf: dict, out: Path) -> dict:
                 response = client.post(f"/infer/{model}", params={"image": image, "output": "image"},
                                        data={"params": json.dumps(params)})
                 if response.status_code != 200:
-                    raise SystemExit(f"POST /infer/{model}?image={image} -> {response.status_code}: {response.text[:4000]}")
+                    raise SystemExit(f"POST /infer/{model}?image={image} -> {response.status_code}: "
+                                     f"{response.text[:4000]}")
                 target = out / f"{model}_{image}.nii.gz"
                 target.write_bytes(response.content)
                 result["infer"][f"{model}/{image}"] = {"file": str(target), "seconds": round(time.time() - begin, 2)}

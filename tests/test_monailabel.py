@@ -100,7 +100,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env.pop("PYTHONPATH", None)  # nothing from .venv's path may leak into .venv-monailabel
     result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=300, env=env)
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n"
+                    f"{result.stderr[-8000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {"summary": summary, "studies": tmp / "studies", "app": app}
 

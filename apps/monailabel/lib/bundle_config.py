@@ -18,7 +18,7 @@ def bundle_dir_from_conf(conf: dict[str, str]) -> str:
     """``--conf bundle_dir PATH`` (absolute, or relative to the server's working directory) or the repository root."""
     path = Path(conf.get("bundle_dir") or DEFAULT_BUNDLE_DIR).expanduser().resolve()
     if not (path / "configs" / "inference.json").is_file():
-        raise FileNotFoundError(f"bundle_dir {path} has no configs/inference.json (set --conf bundle_dir to the bundle root)")
+        raise FileNotFoundError(f"bundle_dir {path} has no configs/inference.json (--conf bundle_dir: the bundle root)")
     return str(path)
 
 

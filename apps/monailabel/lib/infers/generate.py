@@ -36,7 +36,8 @@ class GenerateInfer(BasicInferTask):
     image's size (as ``Invertd`` does for a reconstruction) and written with its affine.
 
     Request params: ``temperature`` (float, default 1.0), ``seed`` (int; -1 or absent: a fresh random seed,
-    reported back in the result), ``label`` (class of a conditioned prior; -1 or absent: class 0 / none).
+    reported back in the result), ``label`` (class of a conditioned prior; -1 or absent: class 0; ignored
+    when the prior has no classes).
     Weights: ``<bundle>/models/model.pt`` and ``<bundle>/models/prior/prior.pt``, loaded strictly.
     """
 
@@ -99,6 +100,8 @@ class GenerateInfer(BasicInferTask):
         seed = _optional_int(data.get("seed"))
         seed = secrets.randbelow(2**31) if seed is None else seed
         label = _optional_int(data.get("label")) if self.num_classes else None
+        if self.num_classes and label is None:
+            label = 0  # what bundle.generation.generate picks for a single slice without a label
         vqvae, prior = self._load_networks(device)
         images, _ = bundle.generation.generate(vqvae, prior, 1, self.latent_shape, temperature, seed, label)
         size = tuple(data["image"].shape[1:])  # the request image, channel first and 2D after EnsureSlice2Dd

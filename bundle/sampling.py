@@ -168,21 +168,8 @@ def sample_fast(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample code maps incrementally with cached activations; same result as :func:`sample_naive`.
 
-    Args:
-        model: the prior.
-        shape: ``(H, W)`` of the code map.
-        num_samples: number of maps ``N``.
-        temperature: softmax temperature; 0 means argmax.
-        labels: int64 ``[N]`` (or one int for all) for a conditioned model, else None.
-        generator: random generator; uniforms are drawn on its device (CPU if None).
-        device: where to run; defaults to the model's device (the model is moved
-            there for the call and moved back afterwards).
-        return_logits: also return the logits used at every position.
-        max_positions: stop after this many positions in raster order, leaving the rest 0
-            (for timing a prefix: every position costs one full forward pass).
-
-    Returns:
-        int64 codes ``[N, H, W]``, and float logits ``[N, K, H, W]`` if ``return_logits``.
+    Arguments and return values are those of :func:`sample_naive` (there is no ``max_positions``: the whole map
+    costs about one forward pass).
     """
     device, labels, u = _prepare(model, shape, num_samples, temperature, labels, generator, device)
     height, width = int(shape[0]), int(shape[1])

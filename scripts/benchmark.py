@@ -46,6 +46,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# libgomp reads OMP_WAIT_POLICY once, when torch loads it, so it is decided here, before `import torch`.
+# PASSIVE unless set or --omp_default: on a shared CPU, spinning OpenMP threads wait a whole time slice for a
+# descheduled partner at every barrier, which buries the differences measured here (section 8 measures it).
+OMP_WAIT_POLICY_SET_BY_BENCHMARK = (
+    "OMP_WAIT_POLICY" not in os.environ and "--omp_default" not in sys.argv and "--omp_probe_child" not in sys.argv)
+if OMP_WAIT_POLICY_SET_BY_BENCHMARK:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import argparse  # noqa: E402
@@ -57,6 +64,7 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -113,6 +121,9 @@ def machine(device: torch.device) -> dict:
         cuda_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
         load_average_start=list(os.getloadavg()),
+        env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+             if k in os.environ},
+        omp_wait_policy_set_by_benchmark=OMP_WAIT_POLICY_SET_BY_BENCHMARK,
     )
     return info
 
@@ -180,32 +191,40 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(device: torch.device, size: int, repeats: int) -> dict:
-    """Best GFLOP/s of a ``size``-cubed matrix product in fp32 and bf16, interleaved.
+class MatmulPeak:
+    """Best GFLOP/s of a ``size``-cubed matrix product in fp32 and bf16.
 
     Each product is timed both as ``torch.mm`` (MKL / cuBLAS) and as the same GEMM written as a 1x1
     convolution (oneDNN / cuDNN, the library the networks' convolutions run on): on some CPUs (e.g. MKL on
-    AMD) the two differ by 2x, and the faster one is the machine's attainable peak.
+    AMD) the two differ by 2x, and the faster one is the machine's attainable peak. ``sample()`` is called
+    again and again during the run (between trainer iterations too), so that the best of all samples is
+    taken when the machine happened to be free: on a shared machine a peak measured once is often too low.
     """
-    kernels = {}
-    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        a, b = torch.randn(size, size, device=device, dtype=dt), torch.randn(size, size, device=device, dtype=dt)
-        x = torch.randn(1, size, size // 32, 32, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(size, size, 1, 1, device=device, dtype=dt)
-        kernels[f"{name}_mm"] = lambda a=a, b=b: torch.mm(a, b)
-        kernels[f"{name}_conv1x1"] = lambda x=x, w=w: F.conv2d(x, w)
-    best = {}
-    for name, fn in kernels.items():  # warm-up
-        fn()
-        best[name] = float("inf")
-    for _ in range(repeats):
-        for name, fn in kernels.items():
-            best[name] = min(best[name], benchmark_sampling.timed(fn, device)[0])
-    out = {"size": size, "repeats": repeats}
-    out.update({f"{name}_gflops": 2.0 * size**3 / seconds / 1e9 for name, seconds in best.items()})
-    for dt in ("fp32", "bf16"):
-        out[f"{dt}_gflops"] = max(out[f"{dt}_mm_gflops"], out[f"{dt}_conv1x1_gflops"])
-    return out
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.device, self.size, self.kernels, self.best = device, size, {}, {}
+        for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            a, b = (torch.randn(size, size, device=device, dtype=dt) for _ in range(2))
+            x = torch.randn(1, size, size // 32, 32, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(size, size, 1, 1, device=device, dtype=dt)
+            self.kernels[f"{name}_mm"] = lambda a=a, b=b: torch.mm(a, b)
+            self.kernels[f"{name}_conv1x1"] = lambda x=x, w=w: F.conv2d(x, w)
+        for name, fn in self.kernels.items():  # warm-up
+            fn()
+            self.best[name] = float("inf")
+        self.samples = 0
+
+    def sample(self) -> None:
+        for name, fn in self.kernels.items():
+            self.best[name] = min(self.best[name], timed_s(fn, self.device))
+        self.samples += 1
+
+    def result(self) -> dict:
+        out = {"size": self.size, "samples": self.samples}
+        out.update({f"{name}_gflops": 2.0 * self.size**3 / s / 1e9 for name, s in self.best.items()})
+        for dt in ("fp32", "bf16"):
+            out[f"{dt}_gflops"] = max(out[f"{dt}_mm_gflops"], out[f"{dt}_conv1x1_gflops"])
+        return out
 
 
 def forever(loader):
@@ -224,7 +243,7 @@ class Lockstep:
     Attached LAST to ``Events.ITERATION_COMPLETED``, so it sees the end of every trainer iteration (all the
     config's per-iteration handlers included). Each call then runs, timed one by one: one plain-loop iteration
     (its next batch from its own iterator over the same config DataLoader, then the step), one batch of the data
-    pipeline alone, and the next ``per_iteration`` companions in a fixed rotation. The trainer's iteration time
+    pipeline alone, the next ``per_iteration`` companions in a fixed rotation, and a matmul-peak sample. The trainer's iteration time
     is measured from the end of that work to the next call: it contains the trainer's batch fetch, its step and
     its handlers, and nothing of the companions. So every variant runs side by side with the trainer, seconds
     apart, and load bursts hit them alike. The first iteration of each epoch (new iterator, epoch-end handlers
@@ -232,8 +251,8 @@ class Lockstep:
     """
 
     def __init__(self, device: torch.device, plain: Callable[[], object], data: Callable[[], object],
-                 companions: dict[str, Callable[[], object]], per_iteration: int) -> None:
-        self.device, self.plain, self.data, self.per_iteration = device, plain, data, per_iteration
+                 companions: dict[str, Callable[[], object]], per_iteration: int, peak: MatmulPeak) -> None:
+        self.device, self.plain, self.data, self.per_iteration, self.peak = device, plain, data, per_iteration, peak
         self.companions = companions
         self.rotation = cycle(list(companions))
         self.resume: float | None = None
@@ -252,6 +271,7 @@ class Lockstep:
         for _ in range(self.per_iteration):
             name = next(self.rotation)
             self.samples[name].append((epoch, iteration, timed_s(self.companions[name], self.device)))
+        self.peak.sample()
         sync(self.device)
         self.resume = time.perf_counter()
 
@@ -286,12 +306,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--epochs", type=int, default=0,
                         help="timed trainer epochs after the warm-up epoch (0: 3, or 1 with --quick)")
+    parser.add_argument("--no_omp_probe", action="store_true", help="skip section 8 (child processes)")
+    parser.add_argument("--omp_default", action="store_true",
+                        help="keep libgomp's default wait policy (spinning) instead of OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--omp_probe_child", type=int, default=0, help=argparse.SUPPRESS)  # internal: batch size
     args = parser.parse_args()
     os.chdir(ROOT)  # the configs import `bundle` from the working directory
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.omp_probe_child:
+        print(json.dumps(omp_probe_child(args.omp_probe_child, args.device)))
+        return
     work = tempfile.mkdtemp(prefix="bundle-benchmark-")
     try:
         results = run(args, work)
@@ -340,8 +367,9 @@ def run(args, work: str) -> dict:
     base.to(device)
 
     # ---- 2. peak and FLOP count ----
-    peak = matmul_peak(device, 8192 if device.type == "cuda" else 2048, 3 if quick else 5)
-    log("matmul peak GFLOP/s: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in peak.items() if k.endswith("_gflops")))
+    peak_meter = MatmulPeak(device, 8192 if device.type == "cuda" else 2048)
+    for _ in range(3):
+        peak_meter.sample()
     batches = [b[image_key].to(device) for b in islice(forever(loader), 4)]  # preloaded, for the variants
 
     def new_vqvae(cl: bool):
@@ -383,7 +411,7 @@ def run(args, work: str) -> dict:
         net, opt = new_prior()
         companions[f"prior_{name}"] = lambda net=net, opt=opt, amp_v=name == "bf16": prior_step(net, opt, codes, amp_v)
     lockstep = Lockstep(device, plain_iteration, lambda: next(data_batches)[image_key].to(device), companions,
-                        per_iteration=2)
+                        per_iteration=2, peak=peak_meter)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lockstep)  # attached last: runs after the config's
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: log(f"trainer epoch {e.state.epoch}/{e.state.max_epochs}"
                                                                     f"{' (warm-up)' if e.state.epoch == 1 else ''} done"))
@@ -394,6 +422,8 @@ def run(args, work: str) -> dict:
     trainer_run_s = time.perf_counter() - t
 
     # ---- statistics ----
+    peak = peak_meter.result()
+    log("matmul peak GFLOP/s: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in peak.items() if k.endswith("_gflops")))
     vq = {}
     for name, (amp_v, _) in VARIANTS.items():
         vq[name] = step_stats(lockstep.seconds(f"vqvae_{name}"), batch_size, flops_step,
@@ -449,12 +479,18 @@ def run(args, work: str) -> dict:
     del trainer, companions, plain_net, lockstep
 
     # ---- 6. inference ----
-    inference, decoder = inference_benchmark(args.device, 2 if quick else 5, 2 if quick else 4)
+    inference, decoder = inference_benchmark(args.device, 1 if quick else 4, 1 if quick else 3)
     log("inference done")
 
     # ---- 5. sampling, through scripts/benchmark_sampling.py ----
     sampling = sampling_benchmark(config, quick, work, decoder, device)
     log("sampling done")
+
+    # ---- 8. OpenMP wait policy, in child processes ----
+    omp = None
+    if not args.no_omp_probe and device.type == "cpu":
+        omp = omp_probe(4 if quick else batch_size, 1 if quick else 2, args)
+        log("OpenMP probe done")
 
     info["load_average_end"] = list(os.getloadavg())
     return {
@@ -482,6 +518,7 @@ def run(args, work: str) -> dict:
         "prior_train_step": prior,
         "inference": inference,
         "sampling": sampling,
+        "omp_wait_policy": omp,
         "wall_s": time.perf_counter() - T0,
     }
 
@@ -577,13 +614,76 @@ def sampling_benchmark(config, quick: bool, work: str, net: torch.nn.Module, dev
     }
 
 
+def omp_probe_child(batch_size: int, device_arg: str | None) -> dict:
+    """In a child process: a VQ-VAE training step as the config trains (batch ``batch_size``) and a batch-1
+    reconstruction as ``configs/inference.json`` runs it, under this process's ``OMP_WAIT_POLICY``."""
+    with tempfile.TemporaryDirectory() as work:
+        config = train_parser(os.path.join(work, "none"), work, batch_size, device_arg)
+        device = torch.device(config.get_parsed_content("device"))
+        amp, cl = config.get_parsed_content("amp"), config.get_parsed_content("channels_last")
+        net = config.get_parsed_content("network")
+        opt = torch.optim.Adam(net.parameters(), config.get_parsed_content("learning_rate"))
+        x = torch.rand(batch_size, 1, *config.get_parsed_content("image_size"), device=device)
+        steps = [timed_s(lambda: vqvae_step(net, opt, x, amp, cl), device) for _ in range(3)][1:]
+    inference = inference_parser(device_arg)
+    eval_net, inferer = inference.get_parsed_content("network").eval(), inference.get_parsed_content("inferer")
+    x1 = torch.rand(1, 1, *inference.get_parsed_content("image_size"), device=device)
+    with torch.no_grad():
+        calls = [timed_s(lambda: inferer(x1, eval_net), device) for _ in range(6)][1:]
+    return {"train_step_s": median(steps), "images_per_s": batch_size / median(steps),
+            "reconstruction_batch1_ms": 1000 * median(calls), "load_average": os.getloadavg()[0]}
+
+
+def omp_probe(batch_size: int, repeats: int, args) -> dict:
+    """Section 8: the same workload in child processes with the torch default threads and ``OMP_WAIT_POLICY``
+    unset (libgomp's default: spin) or ``PASSIVE``, and with 1 thread, whatever this process's own setting.
+
+    libgomp's threads spin at every barrier; when other processes hold the cores, a spinning thread waits for
+    a descheduled partner for a whole time slice, many times per step. ``PASSIVE`` makes them sleep instead.
+    The policy is read when libgomp loads, hence child processes (alternated, ``repeats`` each).
+    """
+    threads = args.threads or torch.get_num_threads()
+    policies = {f"{threads} threads, OMP_WAIT_POLICY unset": (None, threads),
+                f"{threads} threads, OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", threads),
+                "1 thread": (None, 1)}
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for rep in range(repeats):
+        for name in (list(policies) if rep % 2 == 0 else list(policies)[::-1]):
+            policy, n_threads = policies[name]
+            env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+            if policy:
+                env["OMP_WAIT_POLICY"] = policy
+            command = [sys.executable, os.path.abspath(__file__), "--omp_probe_child", str(batch_size),
+                       "--threads", str(n_threads)]
+            command += ["--device", args.device] if args.device else []
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+            if done.returncode != 0:
+                raise RuntimeError(f"OpenMP probe child failed:\n{done.stderr[-3000:]}")
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out: dict = {"batch_size": batch_size, "repeats": repeats, "policies": {}}
+    for name, results in runs.items():
+        out["policies"][name] = {
+            "images_per_s": median([r["images_per_s"] for r in results]),
+            "reconstruction_batch1_ms": median([r["reconstruction_batch1_ms"] for r in results]),
+            "runs": results,
+        }
+    first, passive, single = (out["policies"][name] for name in policies)
+    out["passive_train_speedup"] = passive["images_per_s"] / first["images_per_s"]
+    out["passive_batch1_speedup"] = first["reconstruction_batch1_ms"] / passive["reconstruction_batch1_ms"]
+    out["one_thread_train_speedup"] = single["images_per_s"] / first["images_per_s"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- table ----
 def print_table(r: dict) -> None:
     m = r["machine"]
     print()
     print(f"machine : {m['cpu']} | {m['cpu_cores']} cores, {m['torch_threads']} torch threads | "
           f"flags {' '.join(m['cpu_flags']) or '-'} | GPU {m['gpu'] or 'none'} | device {m['device']}")
-    print(f"versions: python {m['python']} | torch {m['torch']} | monai {m['monai']} | ignite {m['ignite']}")
+    print(f"versions: python {m['python']} | torch {m['torch']} | monai {m['monai']} | ignite {m['ignite']} | env "
+          + (" ".join(f"{k}={v}" for k, v in m["env"].items()) or "-")
+          + (" (PASSIVE set by the benchmark; --omp_default keeps libgomp's default)"
+             if m["omp_wait_policy_set_by_benchmark"] else ""))
     la, lb = m["load_average_start"], m["load_average_end"]
     print(f"load    : {la[0]:.2f} at start, {lb[0]:.2f} at end (1-min load average; "
           f"{m['cpu_cores']} cores) | {'QUICK' if r['quick'] else 'full'} run, {r['settings']['timed_epochs']} timed "
@@ -609,12 +709,14 @@ def print_table(r: dict) -> None:
             "first iteration of an epoch minus a steady one: epoch-end handlers, new iterator (not in the ratio)")
     section(f"2./3. VQ-VAE training step, batch {s['batch_size']}, {r['vqvae_flops']['per_image'] / 1e9:.2f} GFLOP/image "
             f"(FlopCounterMode); matmul peak fp32 {r['peak_matmul']['fp32_gflops']:.0f}, bf16 "
-            f"{r['peak_matmul']['bf16_gflops']:.0f} GFLOP/s (best of mm and 1x1 conv, {r['peak_matmul']['size']}^3)")
+            f"{r['peak_matmul']['bf16_gflops']:.0f} GFLOP/s (best of mm and 1x1 conv, {r['peak_matmul']['size']}^3, "
+            f"{r['peak_matmul']['samples']} samples)")
+    batch = s["batch_size"]
     for name, v in r["vqvae_train_step"].items():
         sp = r["vqvae_speedup_vs_fp32"].get(name)
         row(name, f"{v['images_per_s']:.2f} img/s",
             f"{v['achieved_gflops']:.1f} GFLOP/s = {100 * v['fraction_of_peak']:.0f}% of {v['peak_used']} peak"
-            + (f"; {sp:.2f}x fp32" if sp else ""))
+            + (f"; {sp:.2f}x fp32" if sp else "") + f" | best step {batch / v['step_s_best']:.2f} img/s")
     section("4. data pipeline alone (config DataLoader: CacheDataset + augmentation)")
     row("loader", f"{d['images_per_s']:.1f} img/s", f"{d['headroom_vs_trainer']:.0f}x what the trainer consumes "
         f"({d['share_of_trainer_step'] * 100:.1f}% of a step); cache build {d['cache_build_s']:.1f} s "
@@ -639,7 +741,16 @@ def print_table(r: dict) -> None:
     for name in ("fp32", "bf16"):
         v = p[name]
         row(name, f"{v['maps_per_s']:.2f} maps/s", f"{v['achieved_gflops']:.1f} GFLOP/s = "
-            f"{100 * v['fraction_of_peak']:.0f}% of {name} peak" + (f"; {p['bf16_speedup']:.2f}x fp32" if name == "bf16" else ""))
+            f"{100 * v['fraction_of_peak']:.0f}% of {name} peak" + (f"; {p['bf16_speedup']:.2f}x fp32" if name == "bf16" else "")
+            + f" | best step {p['batch_size'] / v['step_s_best']:.2f} maps/s")
+    o = r.get("omp_wait_policy")
+    if o:
+        section(f"8. OpenMP wait policy (child processes, {o['repeats']} each, alternated; batch {o['batch_size']})")
+        for name, v in o["policies"].items():
+            row(name, f"{v['images_per_s']:.2f} img/s", f"training step; batch-1 reconstruction "
+                f"{v['reconstruction_batch1_ms']:.0f} ms")
+        row("PASSIVE vs unset", f"{o['passive_train_speedup']:.2f}x", f"training; {o['passive_batch1_speedup']:.1f}x "
+            f"batch-1 inference (1 thread vs unset: {o['one_thread_train_speedup']:.2f}x training)")
     widths = [max(len(x[i]) for x in rows if x[1]) for i in range(2)]
     for a, b, c in rows:
         print(a if not b else f"{a.ljust(widths[0])}  {b.rjust(widths[1])}  {c}".rstrip())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from bundle.codebook import find_quantizer, flatten_encodings, init_codebook, restart_dead_codes
@@ -149,13 +150,37 @@ class _AtomicDiskSaver(DiskSaver):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` whose every file is written atomically; same arguments."""
+    """MONAI's ``CheckpointSaver`` whose every file is written atomically, and whose best key-metric score
+    survives a restart.
 
-    def __init__(self, *args, **kwargs) -> None:
+    Ignite's ``Checkpoint`` only remembers the scores of the process that saved them, so after a resume the first
+    validation, however poor, would replace the best model. The best score is kept beside the file
+    (``.<key_metric_filename>.best.json``) and reloaded when ``resume_best`` is true (a resumed run).
+
+    Args:
+        resume_best: reload the best score saved beside the key-metric file.
+        args, kwargs: those of ``monai.handlers.CheckpointSaver``.
+    """
+
+    def __init__(self, *args, resume_best: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+        self._best_path = None
+        if self._key_metric_checkpoint is not None:
+            name = self._key_metric_checkpoint.save_handler.filename or "key_metric"
+            self._best_path = os.path.join(self.save_dir, f".{name}.best.json")
+            if resume_best and os.path.isfile(self._best_path) and os.path.isfile(os.path.join(self.save_dir, name)):
+                with open(self._best_path) as f:
+                    best = json.load(f)
+                self._key_metric_checkpoint._saved = [Checkpoint.Item(best["priority"], best["filename"])]
+
+    def metrics_completed(self, engine: Engine) -> None:
+        super().metrics_completed(engine)
+        saved = self._key_metric_checkpoint._saved if self._key_metric_checkpoint is not None else []
+        if saved and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0):
+            atomic_write_json(self._best_path, {"priority": float(saved[-1].priority), "filename": saved[-1].filename})
 
 
 class EngineCheckpointSaver(AtomicCheckpointSaver):

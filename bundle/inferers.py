@@ -28,6 +28,9 @@ class AutocastInferer(Inferer):
         self, amp: bool = False, dtype: str = "bfloat16", channels_last: bool = False, output_index: int | None = None
     ) -> None:
         super().__init__()
+        for name, value in (("amp", amp), ("channels_last", channels_last)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}: on the command line write --{name} True or False.")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got '{dtype}'.")
         self.amp, self.dtype, self.channels_last, self.output_index = amp, DTYPES[dtype], channels_last, output_index

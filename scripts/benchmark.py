@@ -28,13 +28,19 @@ It uses CUDA when present (``--device`` overrides), otherwise the CPU. What is m
    ``configs/inference.json`` (batch 1 and 16) and for encoding to codes (``index_quantize``, eval mode); the
    same in bf16 + channels-last for comparison.
 7. **PixelCNN training step** (code maps/s), fp32 vs bf16 autocast.
+8. **OpenMP wait policy** (CPU only, ``--no_omp_probe`` skips it): a training step and a batch-1 reconstruction
+   in child processes with libgomp's default (spinning) wait policy, with ``OMP_WAIT_POLICY=PASSIVE`` and with
+   1 thread. On a CPU shared with other jobs, spinning threads wait a whole time slice for a descheduled
+   partner at every barrier, which can slow a step several-fold; this process itself therefore runs with
+   ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set or ``--omp_default`` is given (it has to be decided
+   before torch is imported). The setting used is printed and recorded.
 
 The machine may be shared, so 1, 3, 4 and 7 are measured side by side in ONE trainer run: after every trainer
 iteration, a handler runs one plain-loop iteration, one batch of the data pipeline and the next two of the
 training variants in turn, each timed on its own, and the trainer's own iteration is timed from the end of that
 work to its next iteration end. Load bursts thus hit every variant alike; each figure is the MEDIAN over the
 timed epochs, and the trainer/plain ratio is also given as the median of per-iteration paired ratios. The
-matmul peak is the BEST of its repeats (a peak). The load average before and after is recorded: compare runs
+matmul peak is the BEST of its samples, taken between trainer iterations throughout the run (a peak). The load average before and after is recorded: compare runs
 only when it was similar. Weights are random (cost does not depend on them), except that the trainer's own
 handlers (k-means codebook init, dead-code restarts) run as in a real training.
 """
@@ -60,8 +66,6 @@ import contextlib  # noqa: E402
 import copy  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402

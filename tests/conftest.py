@@ -29,7 +29,7 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs ``python -m monai.bundle run`` from the bundle root; fails the test with the log on a non-zero exit."""
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *map(str, args)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")

@@ -101,3 +101,27 @@ def test_inference_keeps_each_input_geometry(trained: dict, tmp_path: Path) -> N
         np.testing.assert_allclose(result.affine, affine, atol=1e-4)
         data = result.get_fdata()
         assert np.isfinite(data).all() and data.min() >= 0.0 and data.max() <= 1.0 and data.std() > 0
+
+
+def test_a_resumed_run_keeps_the_best_model(tmp_path: Path) -> None:
+    from ignite.engine import Engine, Events
+
+    from bundle.handlers import AtomicCheckpointSaver
+
+    network = torch.nn.Linear(2, 2)
+
+    def run_once(score: float, resume_best: bool) -> bytes:
+        engine = Engine(lambda e, b: None)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_ssim=score))
+        AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": network}, save_key_metric=True,
+                              key_metric_name="val_ssim", key_metric_n_saved=1, key_metric_filename="model.pt",
+                              resume_best=resume_best).attach(engine)
+        engine.run([0], max_epochs=1)
+        return (tmp_path / "model.pt").read_bytes()
+
+    best = run_once(0.5, resume_best=False)
+    with torch.no_grad():
+        network.weight.fill_(7.0)
+    assert run_once(0.3, resume_best=True) == best, "a resumed run replaced the best model with a worse one"
+    assert run_once(0.6, resume_best=True) != best, "a better score must still replace it"
+    assert run_once(0.1, resume_best=False) != best, "a fresh start (resume off) begins a new best"

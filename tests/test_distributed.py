@@ -206,8 +206,10 @@ def test_ranks_train_on_disjoint_shards(ddp_run: dict) -> None:
 @pytest.mark.slow
 def test_one_set_of_outputs_written_by_rank_0(ddp_run: dict) -> None:
     tmp = ddp_run["tmp"]
-    models = sorted(str(p.relative_to(tmp / "models")) for p in (tmp / "models").rglob("*") if p.is_file())
+    models = sorted(str(p.relative_to(tmp / "models")) for p in (tmp / "models").rglob("*.pt"))
     assert models == ["model.pt", "model_final.pt", "prior/prior.pt", "prior/prior_final.pt"]
+    # The best-score records that keep a resumed run from replacing a better model: one each, by rank 0.
+    assert sorted(p.name for p in (tmp / "models").rglob(".*.best.json")) == [".model.pt.best.json", ".prior.pt.best.json"]
     checkpoints = sorted(str(p.relative_to(tmp / "outputs" / "checkpoints"))
                          for p in (tmp / "outputs" / "checkpoints").rglob("*") if p.is_file())
     assert [c for c in checkpoints if c.endswith(".pt")] == ["checkpoint_epoch=2.pt", "prior/checkpoint_epoch=2.pt"]

@@ -13,9 +13,8 @@ from conftest import ROOT
 def _network_args() -> dict:
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
-    args = dict(parser.get("network_def"))
-    del args["_target_"], args["return_loss"]
-    return args
+    keys = [k for k in parser["network_def"] if k not in ("_target_", "return_loss")]
+    return {k: parser.get_parsed_content(f"network_def::{k}") for k in keys}
 
 
 def test_default_latent_is_64x32_and_outputs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -39,17 +40,10 @@ def atomic_write_json(path: str | os.PathLike, content: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _numbered_checkpoints(directory: str | os.PathLike, prefix: str) -> list[tuple[int, str]]:
@@ -109,8 +103,6 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], gap
             canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
             x += tile.shape[1] + gap
         y += max(t.shape[0] for t in row) + gap
-    import io
-
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())

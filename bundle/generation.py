@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bundle import metrics
 from bundle.sampling import sample_codes
-from bundle.utils import atomic_write_bytes, atomic_write_json, save_grid, to_uint8
+from bundle.utils import atomic_write_bytes, atomic_write_json, nifti_gz_bytes, save_grid, save_image_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -89,26 +87,29 @@ def save_samples(images: torch.Tensor, output_dir: str | os.PathLike, prefix: st
     output_dir = Path(output_dir)
     paths = []
     for index, image in enumerate(images):
-        nifti = nib.Nifti1Image(image[0].numpy().astype(np.float32), np.eye(4))
-        nifti.header.set_xyzt_units("mm")
         path = output_dir / f"{prefix}_{index:03d}.nii.gz"
-        # mtime=0 keeps the gzip header, and so the file, identical for the same seed.
-        atomic_write_bytes(path, gzip.compress(nifti.to_bytes(), mtime=0))
+        atomic_write_bytes(path, nifti_gz_bytes(image[0].numpy().astype(np.float32)))
         paths.append(str(path))
-    tiles = [to_uint8(image[0]) for image in images]
-    rows = [tiles[i : i + columns] for i in range(0, len(tiles), columns)]
-    save_grid(output_dir / f"{prefix}s.png", rows)
+    save_image_grid(output_dir / f"{prefix}s.png", images, columns)
     paths.append(str(output_dir / f"{prefix}s.png"))
     logger.info(f"Wrote {len(images)} samples and a grid to {output_dir.resolve()}")
     return paths
 
 
-def _stack_images(dataset: Dataset, limit: int | None = None, seed: int = 0) -> torch.Tensor:
-    indices = list(range(len(dataset)))
-    if limit is not None and limit < len(indices):
-        indices = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
-    subset = torch.utils.data.Subset(dataset, indices)
-    return torch.cat([batch["image"].float() for batch in DataLoader(subset, batch_size=32, num_workers=0)])
+def _subset_indices(size: int, limit: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random ``limit`` of them."""
+    if limit is not None and limit < size:
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+    return list(range(size))
+
+
+def _load_images(dataset: Dataset, *index_lists: list[int]) -> list[torch.Tensor]:
+    """Stacks the images at each list of indices, reading every needed item once."""
+    needed = sorted(set().union(*index_lists))
+    subset = torch.utils.data.Subset(dataset, needed)
+    loaded = torch.cat([batch["image"].float() for batch in DataLoader(subset, batch_size=32, num_workers=0)])
+    position = {index: k for k, index in enumerate(needed)}
+    return [loaded[[position[i] for i in indices]] for indices in index_lists]
 
 
 @torch.no_grad()
@@ -164,9 +165,13 @@ def generation_report(
     """
     output_dir = Path(output_dir)
     samples, sample_codes_ = generate(vqvae, prior, num_samples, latent_shape, temperature, seed)
-    test_images = _stack_images(test_dataset, num_samples, seed)
-    train_images = _stack_images(train_dataset, num_samples, seed + 1)
-    references = _stack_images(train_dataset, num_memorisation_references, seed + 2)
+    (test_images,) = _load_images(test_dataset, _subset_indices(len(test_dataset), num_samples, seed))
+    # The FID subset and the memorisation references often overlap (all of the training set by default): one read.
+    train_images, references = _load_images(
+        train_dataset,
+        _subset_indices(len(train_dataset), num_samples, seed + 1),
+        _subset_indices(len(train_dataset), num_memorisation_references, seed + 2),
+    )
     n = min(len(samples), len(test_images), len(train_images))
     device = next(vqvae.parameters()).device
 

@@ -19,7 +19,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from bundle.codebook import find_quantizer, flatten_encodings, init_codebook, restart_dead_codes
 from bundle.metrics import codebook_usage
-from bundle.utils import atomic_write_json, prune_checkpoints, save_grid, to_uint8
+from bundle.utils import atomic_write_json, prune_checkpoints, save_grid, save_image_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def metrics_completed(self, engine: Engine) -> None:
         super().metrics_completed(engine)
         saved = self._key_metric_checkpoint._saved if self._key_metric_checkpoint is not None else []
-        if saved and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0):
+        if saved and idist.get_rank() == 0:  # ignite saves on rank 0 only
             atomic_write_json(self._best_path, {"priority": float(saved[-1].priority), "filename": saved[-1].filename})
 
 
@@ -195,8 +195,6 @@ class EngineCheckpointSaver(AtomicCheckpointSaver):
     def __init__(self, *args, engine_key: str = "trainer", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
-        self.n_saved = kwargs.get("n_saved")
-        self.file_prefix = kwargs.get("file_prefix", "")
 
     def attach(self, engine: Engine) -> None:
         # Ignite's Checkpoint keeps a reference to this dict, so the engine is saved from now on.
@@ -205,8 +203,10 @@ class EngineCheckpointSaver(AtomicCheckpointSaver):
 
     def interval_completed(self, engine: Engine) -> None:
         super().interval_completed(engine)
-        if self.n_saved and idist.get_rank() == 0:  # ignite saves on rank 0 only
-            prune_checkpoints(self.save_dir, keep=self.n_saved, prefix=f"{self.file_prefix}_checkpoint" if self.file_prefix else "checkpoint")
+        checkpoint = self._interval_checkpoint
+        if checkpoint.n_saved and idist.get_rank() == 0:  # ignite saves on rank 0 only
+            prefix = f"{checkpoint.filename_prefix}_checkpoint" if checkpoint.filename_prefix else "checkpoint"
+            prune_checkpoints(self.save_dir, keep=checkpoint.n_saved, prefix=prefix)
 
 
 class EngineCheckpointLoader(CheckpointLoader):
@@ -349,8 +349,7 @@ class SampleGridWriter:
         from bundle.generation import generate
 
         images, _ = generate(self.vqvae, self.prior, self.num_samples, self.latent_shape, self.temperature, self.seed)
-        tiles = [to_uint8(image[0]) for image in images]
-        save_grid(self.path, [tiles[i : i + 4] for i in range(0, len(tiles), 4)])
+        save_image_grid(self.path, images)
         if self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -13,14 +13,13 @@ label set as the real ``keras_slices_*`` data:
 Display a slice the way a radiologist reads it with ``image.T`` (anterior up,
 patient right on the viewer's left); :func:`save_phantom_figure` does that.
 
-Only numpy, scipy.ndimage and nibabel are needed; matplotlib is imported lazily
+Only numpy, scipy.ndimage and nibabel (through bundle.utils) are needed; matplotlib is imported lazily
 by the figure helper alone.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import math
 import os
@@ -28,9 +27,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from bundle.utils import nifti_gz_bytes
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -381,15 +381,6 @@ def phantom_slice(case_id: int, slice_idx: int, num_slices: int = 16, width: int
     return img.astype(np.float32), lab
 
 
-def _nifti_bytes(data: np.ndarray) -> bytes:
-    """Gzipped NIfTI-1 bytes with a fixed gzip header so reruns are byte-identical."""
-    # Identity affine (1 mm pixels): keeps any Spacing/Orientation transform a no-op.
-    img = nib.Nifti1Image(data, np.eye(4))
-    img.header.set_data_dtype(data.dtype)
-    img.header.set_xyzt_units("mm")
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-
 def _plan(train_cases, val_cases, test_cases, slices_per_case, seed, trailing_axis_every) -> dict:
     if slices_per_case < 1 or trailing_axis_every < 0 or seed < 0:
         raise ValueError("need slices_per_case >= 1, trailing_axis_every >= 0 and seed >= 0")
@@ -468,8 +459,8 @@ def write_hipmri_phantoms(out_dir, train_cases: int = 20, val_cases: int = 3, te
                     if trailing_axis_every > 0 and k % trailing_axis_every == 0:
                         image = image[..., None]
                     stem = f"{cid:03d}_week_{week}_slice_{z}.nii.gz"
-                    (img_dir / f"case_{stem}").write_bytes(_nifti_bytes(image))
-                    (seg_dir / f"seg_{stem}").write_bytes(_nifti_bytes(mask))
+                    (img_dir / f"case_{stem}").write_bytes(nifti_gz_bytes(image))
+                    (seg_dir / f"seg_{stem}").write_bytes(nifti_gz_bytes(mask))
         # Written last: its presence inside out_dir marks a finished set.
         (tmp / _META_FILE).write_text(json.dumps(plan, indent=1) + "\n")
         if _is_complete(out_dir, plan):  # a concurrent writer finished first

@@ -39,6 +39,21 @@ def atomic_write_json(path: str | os.PathLike, content: Any) -> None:
     atomic_write_bytes(path, (json.dumps(content, indent=2, sort_keys=True) + "\n").encode())
 
 
+def nifti_gz_bytes(data: np.ndarray, affine: np.ndarray | None = None) -> bytes:
+    """Gzipped NIfTI-1 bytes of ``data`` (1 mm identity geometry by default) with a fixed gzip header.
+
+    ``mtime=0`` keeps the header, and so the file, byte-identical when the same array is written again.
+    """
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    image.header.set_data_dtype(data.dtype)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`atomic_write_bytes`."""
     buffer = io.BytesIO()
@@ -83,6 +98,12 @@ def to_uint8(image: torch.Tensor | np.ndarray, low: float = 0.0, high: float = 1
     """A 2D image scaled from ``[low, high]`` to uint8, clipped."""
     array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float32)
     return (np.clip((array - low) / (high - low), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int = 4) -> None:
+    """Writes images ``[N, 1, H, W]`` in ``[0, 1]`` as a PNG grid of ``columns`` tiles a row (see :func:`save_grid`)."""
+    tiles = [to_uint8(image[0]) for image in images]
+    save_grid(path, [tiles[i : i + columns] for i in range(0, len(tiles), columns)])
 
 
 def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> None:

@@ -66,8 +66,10 @@ class CodebookMonitor:
 
     def attach(self, engine: Engine) -> None:
         """Registers the quantiser hooks and the engine events."""
-        self.quantizer.register_forward_pre_hook(self._before_quantize)
-        self.quantizer.register_forward_hook(self._after_quantize)
+        # The hooks keep Python state (pool, generator, flags): under torch.compile they must run eagerly, as
+        # graph breaks, rather than be traced into the network's graph.
+        self.quantizer.register_forward_pre_hook(torch.compiler.disable(self._before_quantize))
+        self.quantizer.register_forward_hook(torch.compiler.disable(self._after_quantize))
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_restart)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)

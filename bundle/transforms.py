@@ -102,3 +102,31 @@ class SafeLoadImaged(LoadImaged):
         except Exception as error:
             paths = [str(data.get(key)) for key in self.keys if key in data]
             raise ValueError(f"cannot read {', '.join(repr(p) for p in paths)}: {type(error).__name__}: {error}") from error
+
+
+def to_device_when_cached(
+    keys: KeysCollection, device: torch.device | str, enabled: bool, num_workers: int
+) -> list[Transform]:
+    """The transform to put between the cached (deterministic) and the random transforms of a ``CacheDataset``.
+
+    When ``enabled``, the cached images are moved to ``device`` once, when the cache is built, and the random
+    augmentation then runs there: on a GPU the CPU no longer prepares every batch (the augmentation of cached
+    slices, not the reading, is what a CPU loader spends its time on). The whole HipMRI set is about 1.5 GB in
+    fp32 on the device.
+
+    Args:
+        keys: the image keys.
+        device: the training device.
+        enabled: the config's ``data_on_device``.
+        num_workers: the data loader's workers; CUDA tensors cannot be handed out by worker processes.
+
+    Returns:
+        ``[ToDeviced(keys, device)]`` or ``[]``.
+    """
+    from monai.transforms import ToDeviced
+
+    if not enabled:
+        return []
+    if num_workers > 0 and torch.device(device).type != "cpu":
+        raise ValueError(f"data_on_device keeps the data on {device}: set num_workers to 0 (it is {num_workers}).")
+    return [ToDeviced(keys=keys, device=device)]

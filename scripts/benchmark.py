@@ -34,9 +34,13 @@ It uses CUDA when present (``--device`` overrides), otherwise the CPU. What is m
    partner at every barrier, which can slow a step several-fold; this process itself therefore runs with
    ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set or ``--omp_default`` is given (it has to be decided
    before torch is imported). The setting used is printed and recorded.
+9. **torch.compile** (``--no_compile`` skips it): the config's VQ-VAE step (its autocast / channels-last) and the
+   bf16 prior step, compiled with inductor as ``compile: true`` does, against the same eager steps, interleaved
+   like 3 and 7; the first call (compilation, from an empty inductor cache) is timed apart, with the number of
+   steps after which compiling has paid for itself.
 
-The machine may be shared, so 1, 3, 4 and 7 are measured side by side in ONE trainer run: after every trainer
-iteration, a handler runs one plain-loop iteration, one batch of the data pipeline and the next two of the
+The machine may be shared, so 1, 3, 4, 7 and 9 are measured side by side in ONE trainer run: after every trainer
+iteration, a handler runs one plain-loop iteration, one batch of the data pipeline and the next three of the
 training variants in turn, each timed on its own, and the trainer's own iteration is timed from the end of that
 work to its next iteration end. Load bursts thus hit every variant alike; each figure is the MEDIAN over the
 timed epochs, and the trainer/plain ratio is also given as the median of per-iteration paired ratios. The
@@ -313,6 +317,7 @@ def main() -> None:
     parser.add_argument("--no_omp_probe", action="store_true", help="skip section 8 (child processes)")
     parser.add_argument("--omp_default", action="store_true",
                         help="keep libgomp's default wait policy (spinning) instead of OMP_WAIT_POLICY=PASSIVE")
+    parser.add_argument("--no_compile", action="store_true", help="skip section 9 (torch.compile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--omp_probe_child", type=int, default=0, help=argparse.SUPPRESS)  # internal: batch size
     args = parser.parse_args()
@@ -398,7 +403,7 @@ def run(args, work: str) -> dict:
 
     prior_flops = count_flops(lambda: prior_step(*new_prior(), codes, False))
 
-    # ---- 1, 3, 4, 7 side by side: the trainer runs, everything else runs between its iterations ----
+    # ---- 1, 3, 4, 7, 9 side by side: the trainer runs, everything else runs between its iterations ----
     plain_net, plain_opt = new_vqvae(channels_last)
     plain_batches, data_batches, variant_batches = forever(loader), forever(loader), cycle(batches)
 
@@ -414,13 +419,15 @@ def run(args, work: str) -> dict:
     for name in ("fp32", "bf16"):
         net, opt = new_prior()
         companions[f"prior_{name}"] = lambda net=net, opt=opt, amp_v=name == "bf16": prior_step(net, opt, codes, amp_v)
+    compile_info = compiled_companions(args, work, companions, device, new_vqvae, new_prior, batches, variant_batches, codes,
+                                       (amp, channels_last, dtype))
     lockstep = Lockstep(device, plain_iteration, lambda: next(data_batches)[image_key].to(device), companions,
-                        per_iteration=2, peak=peak_meter)
+                        per_iteration=3, peak=peak_meter)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lockstep)  # attached last: runs after the config's
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: log(f"trainer epoch {e.state.epoch}/{e.state.max_epochs}"
                                                                     f"{' (warm-up)' if e.state.epoch == 1 else ''} done"))
     log(f"trainer: 1 warm-up + {epochs} timed epochs of {len(loader)} iterations; between its iterations: plain "
-        f"loop, data pipeline and 2 of {list(companions)} in turn")
+        f"loop, data pipeline and 3 of {list(companions)} in turn")
     t = time.perf_counter()
     trainer.run()
     trainer_run_s = time.perf_counter() - t
@@ -480,7 +487,12 @@ def run(args, work: str) -> dict:
         stats["maps_per_s"] = stats.pop("items_per_s")
         prior[name] = stats
     prior["bf16_speedup"] = prior["fp32"]["step_s"] / prior["bf16"]["step_s"]
-    del trainer, companions, plain_net, lockstep
+    if "vqvae_compiled" in companions:
+        compile_info["vqvae"] = compile_effect(lockstep, f"vqvae_{config_variant}", "vqvae_compiled", batch_size,
+                                               compile_info.pop("vqvae_first_call_s"))
+        compile_info["prior"] = compile_effect(lockstep, "prior_bf16", "prior_bf16_compiled", prior_batch,
+                                               compile_info.pop("prior_first_call_s"))
+    del trainer, companions, plain_iteration, lockstep
 
     # ---- 6. inference ----
     inference, decoder = inference_benchmark(args.device, 1 if quick else 4, 1 if quick else 3)
@@ -520,11 +532,56 @@ def run(args, work: str) -> dict:
         "trainer_vs_plain": tvp,
         "data_pipeline": data,
         "prior_train_step": prior,
+        "compile": compile_info,
         "inference": inference,
         "sampling": sampling,
         "omp_wait_policy": omp,
         "wall_s": time.perf_counter() - T0,
     }
+
+
+def compiled_companions(args, work: str, companions: dict, device: torch.device, new_vqvae, new_prior, batches,
+                        variant_batches, codes: torch.Tensor, settings: tuple) -> dict:
+    """Section 9: adds ``torch.compile``d copies of the config's VQ-VAE step and of the bf16 prior step.
+
+    They join the companions interleaved with the trainer, beside their eager twins (``vqvae_<config variant>``
+    and ``prior_bf16``). Each is compiled here, and its first call (tracing + inductor code generation, or a
+    hit in inductor's on-disk cache) is timed apart.
+    """
+    from bundle.compiling import compile_unavailable_reason
+
+    amp, channels_last, dtype = settings
+    if args.no_compile:
+        return {"skipped": "--no_compile"}
+    reason = compile_unavailable_reason(device)
+    if reason:
+        log(f"torch.compile skipped: {reason}")
+        return {"skipped": reason}
+    # An empty inductor cache, so the first call costs what a user's first run costs (later runs reuse theirs).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-", dir=work)
+    info = {"backend": "inductor", "mode": "default", "inductor_cache": "cold (empty, in the work dir)"}
+    net, opt = new_vqvae(channels_last)
+    vqvae = torch.compile(net)
+    info["vqvae_first_call_s"] = timed_s(lambda: vqvae_step(vqvae, opt, batches[0], amp, channels_last, dtype), device)
+    prior_net, prior_opt = new_prior()
+    prior = torch.compile(prior_net)
+    info["prior_first_call_s"] = timed_s(lambda: prior_step(prior, prior_opt, codes, True), device)
+    log(f"torch.compile: first VQ-VAE step {info['vqvae_first_call_s']:.1f} s, first prior step "
+        f"{info['prior_first_call_s']:.1f} s (compiling)")
+    companions["vqvae_compiled"] = lambda: vqvae_step(vqvae, opt, next(variant_batches), amp, channels_last, dtype)
+    companions["prior_bf16_compiled"] = lambda: prior_step(prior, prior_opt, codes, True)
+    return info
+
+
+def compile_effect(lockstep: "Lockstep", eager: str, compiled: str, batch: int, first_call_s: float) -> dict:
+    """Steady-state speed-up of a compiled step over its eager twin, and when compiling pays for itself."""
+    eager_s, compiled_s = median(lockstep.seconds(eager)), median(lockstep.seconds(compiled))
+    saved = eager_s - compiled_s
+    return {"eager": eager, "eager_step_s": eager_s, "compiled_step_s": compiled_s, "speedup": eager_s / compiled_s,
+            "items_per_s_eager": batch / eager_s, "items_per_s_compiled": batch / compiled_s,
+            "n": len(lockstep.seconds(compiled)), "first_call_s": first_call_s,
+            "compile_overhead_s": first_call_s - compiled_s,
+            "break_even_steps": (first_call_s - compiled_s) / saved if saved > 0 else None}
 
 
 def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> tuple[dict, torch.nn.Module]:
@@ -747,6 +804,16 @@ def print_table(r: dict) -> None:
         row(name, f"{v['maps_per_s']:.2f} maps/s", f"{v['achieved_gflops']:.1f} GFLOP/s = "
             f"{100 * v['fraction_of_peak']:.0f}% of {name} peak" + (f"; {p['bf16_speedup']:.2f}x fp32" if name == "bf16" else "")
             + f" | best step {p['batch_size'] / v['step_s_best']:.2f} maps/s")
+    c = r.get("compile") or {}
+    if "vqvae" in c:
+        section("9. torch.compile (inductor, default mode) vs eager, same step, interleaved; the config's settings")
+        for name, unit in (("vqvae", "img/s"), ("prior", "maps/s")):
+            v = c[name]
+            row(f"{name} compiled", f"{v['items_per_s_compiled']:.2f} {unit}",
+                f"{v['speedup']:.2f}x eager ({v['items_per_s_eager']:.2f}); first call {v['first_call_s']:.1f} s, pays "
+                "off after " + (f"{v['break_even_steps']:.0f} steps" if v["break_even_steps"] else "never"))
+    elif c:
+        section(f"9. torch.compile skipped: {c.get('skipped')}")
     o = r.get("omp_wait_policy")
     if o:
         section(f"8. OpenMP wait policy (child processes, {o['repeats']} each, alternated; batch {o['batch_size']})")

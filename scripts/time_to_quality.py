@@ -45,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SETTINGS = ("device", "batch_size", "learning_rate", "amp", "amp_dtype", "channels_last", "cache_rate", "num_workers",
+SETTINGS = ("device", "batch_size", "learning_rate", "amp", "amp_dtype", "channels_last", "compile", "cache_rate", "num_workers",
             "val_interval", "seed", "image_size", "channels", "num_res_layers", "num_res_channels", "num_embeddings",
             "embedding_dim", "commitment_cost", "ema_decay", "codebook_init_from_data", "codebook_restart_dead",
             "codebook_restart_interval")
@@ -93,6 +93,15 @@ def effective_settings(overrides: dict[str, str], dataset_dir: str) -> dict:
         out[key] = str(value) if key == "device" else value
     out["key_metric"] = next(iter(parser.get("validate::key_metric")))
     return out
+
+
+def write_json(content: dict, *paths: str | None) -> None:
+    """Writes ``content`` to each of ``paths`` that is not None, and says so."""
+    for path in filter(None, paths):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(content, f, indent=2)
+        log(f"wrote {path}")
 
 
 def _read_json(path: str):
@@ -309,11 +318,7 @@ def main() -> None:
            if test_reached else f"not reached ({status})"))
     log(f"load average: {info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end "
         f"({info['cpu_cores']} cores)")
-    for path in filter(None, [os.path.join(work, "time_to_quality.json"), args.json]):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        log(f"wrote {path}")
+    write_json(result, os.path.join(work, "time_to_quality.json"), args.json)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,41 @@ def test_openmp_probe(report: dict) -> None:
     for v in omp["policies"].values():
         assert _finite_positive(v["images_per_s"]) and _finite_positive(v["reconstruction_batch1_ms"])
     assert _finite_positive(omp["passive_train_speedup"]) and _finite_positive(omp["one_thread_train_speedup"])
+
+
+def test_compile_section(report: dict) -> None:
+    compiled = report["compile"]
+    assert compiled["backend"] == "inductor" and compiled["inductor_cache"].startswith("cold")
+    for name in ("vqvae", "prior"):
+        v = compiled[name]
+        assert _finite_positive(v["items_per_s_compiled"]) and _finite_positive(v["items_per_s_eager"]), name
+        assert 0.3 <= v["speedup"] <= 3.0, (name, v["speedup"])
+        assert v["speedup"] == pytest.approx(v["eager_step_s"] / v["compiled_step_s"])
+        # the first call compiles, so it is slower than a steady compiled step
+        assert v["first_call_s"] > v["compiled_step_s"] and v["n"] >= 1
+
+
+def test_width_sweep_end_to_end(phantom_dir: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import width_sweep
+
+    assert width_sweep.parse_width("64,128:32") == ([64, 128], [32, 32])
+    assert width_sweep.parse_width("48,96") == ([48, 96], [24, 24])
+    out = tmp_path / "sweep.json"
+    # target -1: each width stops after its first epoch and is evaluated once, which exercises the whole path
+    command = [sys.executable, "scripts/width_sweep.py", "--widths", "8,16:8", "16,32:8", "--target", "-1",
+               "--max_minutes", "5", "--dataset_dir", str(phantom_dir), "--work_dir", str(tmp_path / "work"),
+               "--override", "num_embeddings", "32", "--override", "embedding_dim", "8", "--json", str(out)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["width"] for r in rows] == ["8,16:8", "16,32:8"]
+    for r in rows:
+        assert r["status"] == "reached" and r["test_target_epoch"] == 1, r
+        assert _finite_positive(r["time_to_test_target_s"]) and _finite_positive(r["tflop_to_test_target"])
+        assert r["training_images"] == 18 and -1.0 <= r["test_ssim"] <= 1.0
+        assert r["tflop_to_test_target"] == pytest.approx(18 * r["gflop_per_image"] / 1e3)
+    # compute grows with width
+    assert rows[0]["gflop_per_image"] < rows[1]["gflop_per_image"] and rows[0]["parameters"] < rows[1]["parameters"]
+    assert "TFLOP" in result.stdout

@@ -85,3 +85,37 @@ def test_rgba_png_becomes_grey(tmp_path: Path) -> None:
 def test_bad_channel_count_is_refused() -> None:
     with pytest.raises(ValueError, match="2 channels"):
         EnsureSlice2D()(torch.zeros(2, 8, 8))
+
+
+def _train_dataset(phantom_dir: Path, tmp_path: Path, **overrides):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update({"bundle_root": str(ROOT), "dataset_dir": str(phantom_dir), "output_dir": str(tmp_path), **overrides})
+    return parser.get_parsed_content("train::dataset")
+
+
+def test_data_on_device_caches_on_the_device_and_augments_there(phantom_dir: Path, tmp_path: Path) -> None:
+    from monai.transforms import RandAffined, ToDeviced
+
+    plain = _train_dataset(phantom_dir, tmp_path)
+    on_device = _train_dataset(phantom_dir, tmp_path, data_on_device=True, device="$torch.device('cpu')")
+    names = [type(t).__name__ for t in on_device.transform.transforms]
+    assert not any(isinstance(t, ToDeviced) for t in plain.transform.transforms)
+    # right before the first random transform, so CacheDataset keeps the moved copy and augments it in place
+    position = names.index("ToDeviced")
+    assert isinstance(on_device.transform.transforms[position + 1], RandAffined)
+    assert on_device.cache_num == len(on_device) == len(plain)
+    cached = on_device._cache[0]["image"]
+    assert cached.device == torch.device("cpu") and cached.shape == (1, 256, 128)
+    item = on_device[0]["image"]
+    assert item.shape == (1, 256, 128) and torch.isfinite(item).all() and 0.0 <= float(item.min()) <= float(item.max()) <= 1.0
+    # the CPU path is unchanged: the same cached slice either way
+    assert torch.equal(torch.as_tensor(cached), torch.as_tensor(plain._cache[0]["image"]))
+
+
+def test_data_on_a_gpu_refuses_worker_processes() -> None:
+    from bundle.transforms import to_device_when_cached
+
+    with pytest.raises(ValueError, match="set num_workers to 0"):
+        to_device_when_cached("image", "cuda:0", True, 2)
+    assert to_device_when_cached("image", "cuda:0", False, 2) == []

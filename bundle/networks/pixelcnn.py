@@ -264,7 +264,8 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"labels must be an integer tensor, got {labels.dtype}.")
         if labels.shape != (batch_size,):
             raise ValueError(f"labels must have shape [{batch_size}], got {list(labels.shape)}.")
-        if labels.numel() > 0:
+        # the range checks read values back (.item()), which would split a torch.compile graph; eager calls check
+        if labels.numel() > 0 and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(labels)
             if lo.item() < 0 or hi.item() >= self.num_classes:
                 raise ValueError(f"labels must be in [0, {self.num_classes}), got range [{lo.item()}, {hi.item()}].")
@@ -285,7 +286,7 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"codes must have shape [B, H, W], got {list(codes.shape)}.")
         if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"codes must be an integer tensor, got {codes.dtype}.")
-        if codes.numel() > 0:
+        if codes.numel() > 0 and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(codes)
             if lo.item() < 0 or hi.item() >= self.num_embeddings:
                 raise ValueError(

@@ -138,7 +138,7 @@ def machine(device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- config ---
 def train_parser(data_dir: str, work_dir: str, batch_size: int | None, device: str | None, max_epochs: int = 1):
-    """``configs/train.json`` with temp data and output folders, validation off, no resume."""
+    """``configs/train.json`` with temp data and output folders, validation off, no resume, eager."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -151,6 +151,7 @@ def train_parser(data_dir: str, work_dir: str, batch_size: int | None, device: s
         "max_epochs": max_epochs,
         "val_interval": 10**9,  # no validation inside the timed epochs
         "resume": False,
+        "compile": False,  # the trainer is compared with an eager plain loop; section 9 measures compiling
     }
     if batch_size:
         overrides["batch_size"] = batch_size
@@ -804,6 +805,14 @@ def print_table(r: dict) -> None:
         row(name, f"{v['maps_per_s']:.2f} maps/s", f"{v['achieved_gflops']:.1f} GFLOP/s = "
             f"{100 * v['fraction_of_peak']:.0f}% of {name} peak" + (f"; {p['bf16_speedup']:.2f}x fp32" if name == "bf16" else "")
             + f" | best step {p['batch_size'] / v['step_s_best']:.2f} maps/s")
+    o = r.get("omp_wait_policy")
+    if o:
+        section(f"8. OpenMP wait policy (child processes, {o['repeats']} each, alternated; batch {o['batch_size']})")
+        for name, v in o["policies"].items():
+            row(name, f"{v['images_per_s']:.2f} img/s", f"training step; batch-1 reconstruction "
+                f"{v['reconstruction_batch1_ms']:.0f} ms")
+        row("PASSIVE vs unset", f"{o['passive_train_speedup']:.2f}x", f"training; {o['passive_batch1_speedup']:.1f}x "
+            f"batch-1 inference (1 thread vs unset: {o['one_thread_train_speedup']:.2f}x training)")
     c = r.get("compile") or {}
     if "vqvae" in c:
         section("9. torch.compile (inductor, default mode) vs eager, same step, interleaved; the config's settings")
@@ -814,14 +823,6 @@ def print_table(r: dict) -> None:
                 "off after " + (f"{v['break_even_steps']:.0f} steps" if v["break_even_steps"] else "never"))
     elif c:
         section(f"9. torch.compile skipped: {c.get('skipped')}")
-    o = r.get("omp_wait_policy")
-    if o:
-        section(f"8. OpenMP wait policy (child processes, {o['repeats']} each, alternated; batch {o['batch_size']})")
-        for name, v in o["policies"].items():
-            row(name, f"{v['images_per_s']:.2f} img/s", f"training step; batch-1 reconstruction "
-                f"{v['reconstruction_batch1_ms']:.0f} ms")
-        row("PASSIVE vs unset", f"{o['passive_train_speedup']:.2f}x", f"training; {o['passive_batch1_speedup']:.1f}x "
-            f"batch-1 inference (1 thread vs unset: {o['one_thread_train_speedup']:.2f}x training)")
     widths = [max(len(x[i]) for x in rows if x[1]) for i in range(2)]
     for a, b, c in rows:
         print(a if not b else f"{a.ljust(widths[0])}  {b.rjust(widths[1])}  {c}".rstrip())

@@ -12,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Small enough for a 2-core CPU, large enough to exercise every code path.
-TINY_NETWORK = ["--channels", "[16, 32]", "--num_res_channels", "[16, 16]", "--num_embeddings", "64", "--embedding_dim", "16"]
+# Small enough for a 2-core CPU, large enough to exercise every code path. Eager: compiling a network that trains
+# for seconds costs more than it saves; tests/test_compile.py covers the compiled trainer.
+TINY_NETWORK = ["--channels", "[16, 32]", "--num_res_channels", "[16, 16]", "--num_embeddings", "64", "--embedding_dim", "16",
+                "--compile", "False"]
 
 
 @pytest.fixture(scope="session")

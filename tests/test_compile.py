@@ -74,15 +74,17 @@ def test_compiled_trainer_runs_a_compiled_network_that_agrees_with_eager(phantom
         assert abs(a - b) <= 1e-3 * abs(a), (eager, compiled)
 
 
-def test_missing_cxx_compiler_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_cxx_compiler_falls_back_to_eager() -> None:
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    reason = compile_unavailable_reason("cpu")
-    assert reason and "C++ compiler" in reason
-    with pytest.warns(RuntimeWarning, match="training runs eagerly"):
-        assert use_compile(True, "cpu") is False
+    assert compile_unavailable_reason("cpu") is None
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # what a machine without g++ looks like
+        reason = compile_unavailable_reason("cpu")
+        assert reason and "InvalidCxxCompiler" in reason and "C++ compiler" in reason
+        with pytest.warns(RuntimeWarning, match="training runs eagerly"):
+            assert use_compile(True, "cpu") is False
     assert use_compile(False, "cpu") is False
+    assert compile_unavailable_reason("cpu") is None
 
 
 def test_a_backend_failing_at_run_time_runs_eagerly(fresh_dynamo) -> None:

@@ -56,7 +56,7 @@ def _tiny_parser(*overrides: str) -> ConfigParser:
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     args = [*TINY_NETWORK, *TINY_PRIOR, *overrides]
     for key, value in zip(args[::2], args[1::2]):
-        parser[key.lstrip("-")] = json.loads(value)
+        parser[key.lstrip("-")] = json.loads(value.lower() if value in ("True", "False") else value)
     return parser
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, ToDeviced, Transform
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,6 @@ def to_device_when_cached(
     Returns:
         ``[ToDeviced(keys, device)]`` or ``[]``.
     """
-    from monai.transforms import ToDeviced
-
     if not enabled:
         return []
     if num_workers > 0 and torch.device(device).type != "cpu":

@@ -8,6 +8,7 @@ and reloaded; its outputs must match the eager network's.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -51,12 +52,12 @@ def _monai_bundle(*args: str, timeout: int = 300) -> subprocess.CompletedProcess
 
 
 def _tiny_parser(*overrides: str) -> ConfigParser:
-    """configs/inference.json with the same size overrides the CLI calls get."""
+    """configs/inference.json with the same size overrides the CLI calls get, parsed as Python literals like the CLI."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     args = [*TINY_NETWORK, *TINY_PRIOR, *overrides]
     for key, value in zip(args[::2], args[1::2]):
-        parser[key.lstrip("-")] = json.loads(value.lower() if value in ("True", "False") else value)
+        parser[key.lstrip("-")] = ast.literal_eval(value)
     return parser
 
 

@@ -345,7 +345,7 @@ def main() -> None:
 def run(args, work: str) -> dict:
     from ignite.engine import Events
 
-    from bundle.phantom import write_hipmri_phantoms
+    from bundle.data.phantom import write_hipmri_phantoms
 
     quick = args.quick
     epochs = args.epochs or (1 if quick else 3)
@@ -549,7 +549,7 @@ def compiled_companions(args, work: str, companions: dict, device: torch.device,
     and ``prior_bf16``). Each is compiled here, and its first call (tracing + inductor code generation, or a
     hit in inductor's on-disk cache) is timed apart.
     """
-    from bundle.compiling import compile_unavailable_reason
+    from bundle.engine.compiling import compile_unavailable_reason
 
     amp, channels_last, dtype = settings
     if args.no_compile:
@@ -587,7 +587,7 @@ def compile_effect(lockstep: "Lockstep", eager: str, compiled: str, batch: int, 
 
 def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> tuple[dict, torch.nn.Module]:
     """ms per slice: the inference network/inferer of configs/inference.json, and index_quantize (eval mode)."""
-    from bundle.inferers import AutocastInferer
+    from bundle.engine.inferers import AutocastInferer
 
     config = inference_parser(device_arg)
     device = torch.device(config.get_parsed_content("device"))

@@ -34,8 +34,8 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from bundle.networks.pixelcnn import GatedPixelCNN  # noqa: E402
-from bundle.sampling import sample_fast, sample_naive  # noqa: E402
+from bundle.stage2_prior.pixelcnn import GatedPixelCNN  # noqa: E402
+from bundle.stage2_prior.sampling import sample_fast, sample_naive  # noqa: E402
 
 
 def machine_info(device: torch.device) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 # Run as a plain script from anywhere: make the repository's `bundle` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundle.phantom import save_phantom_figure, write_hipmri_phantoms  # noqa: E402
+from bundle.data.phantom import save_phantom_figure, write_hipmri_phantoms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

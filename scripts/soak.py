@@ -6,7 +6,7 @@
    thousands of iterations fit in minutes on a CPU), runs ``--iterations`` iterations and samples the process's
    resident memory (RSS) every ``--every`` iterations; reports the growth after a warm-up.
 2. Writes ``--slices`` HipMRI-layout files (hard links to a few phantom slices, so the disk cost is nil), times
-   ``bundle.data.datalist`` on them, and builds the config's ``CacheDataset`` with ``--cache_rate`` to show that
+   ``bundle.data.discovery.datalist`` on them, and builds the config's ``CacheDataset`` with ``--cache_rate`` to show that
    memory follows what caching asks for, not the data set's size.
 """
 
@@ -47,7 +47,7 @@ def soak(work: Path, iterations: int, every: int, tiny: bool) -> dict:
     """Trains for ``iterations`` iterations and samples RSS."""
     from ignite.engine import Events
 
-    from bundle.phantom import write_hipmri_phantoms
+    from bundle.data.phantom import write_hipmri_phantoms
 
     data = work / "data"
     write_hipmri_phantoms(data, train_cases=2, val_cases=1, test_cases=1, slices_per_case=8)
@@ -77,8 +77,8 @@ def soak(work: Path, iterations: int, every: int, tiny: bool) -> dict:
 
 def scale(work: Path, slices: int, cache_rate: float) -> dict:
     """Discovers and caches a data set of ``slices`` files."""
-    from bundle.data import datalist
-    from bundle.phantom import write_hipmri_phantoms
+    from bundle.data.discovery import datalist
+    from bundle.data.phantom import write_hipmri_phantoms
 
     source = work / "source"
     write_hipmri_phantoms(source, train_cases=1, val_cases=1, test_cases=1, slices_per_case=8)

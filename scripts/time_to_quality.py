@@ -8,7 +8,7 @@ Run from the repository root::
 
 What it does:
 
-1. Data: a fresh copy of the default phantom set (``bundle.phantom.write_hipmri_phantoms`` with its defaults,
+1. Data: a fresh copy of the default phantom set (``bundle.data.phantom.write_hipmri_phantoms`` with its defaults,
    the same files as ``data/phantom``) in a temporary work folder, so that nothing another run does to
    ``data/phantom`` matters; ``--dataset_dir`` uses an existing set instead. Generating it is not timed.
 2. Training, cold: ``python -m monai.bundle run training_vqvae`` with ``configs/train.json`` and a large
@@ -201,7 +201,7 @@ def main() -> None:
     if args.dataset_dir:
         dataset_dir = os.path.abspath(args.dataset_dir)
     else:
-        from bundle.phantom import write_hipmri_phantoms
+        from bundle.data.phantom import write_hipmri_phantoms
 
         dataset_dir = os.path.join(work, "phantom")
         t = time.monotonic()
@@ -231,7 +231,7 @@ def main() -> None:
     rounds: list[dict] = []
     train_wall = 0.0
     pattern = re.compile(rf"Epoch\[(\d+)\] Metrics -- .*?\b{re.escape(key)}: (-?[0-9.]+(?:e[-+]?\d+)?)")
-    # bundle.handlers.CodebookMonitor logs before validation; StatsHandler's line comes after it
+    # bundle.stage1_vqvae.codebook_monitor.CodebookMonitor logs before validation; StatsHandler's line comes after it
     usage_patterns = [re.compile(r"Epoch (\d+) codebook: .*?codebook_usage=([0-9.]+)"),
                       re.compile(r"Epoch\[(\d+)\] Metrics -- .*?\bcodebook_usage: ([0-9.]+)")]
     usage: dict[int, float] = {}

@@ -149,7 +149,7 @@ def main() -> None:
 
 
 def _training_files(dataset_dir: str) -> list[str]:
-    from bundle.data import datalist
+    from bundle.data.discovery import datalist
 
     return datalist(dataset_dir, "train")
 

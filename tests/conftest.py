@@ -21,7 +21,7 @@ TINY_NETWORK = ["--channels", "[16, 32]", "--num_res_channels", "[16, 16]", "--n
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny HipMRI-layout phantom set shared by the whole session (read-only by convention)."""
-    from bundle.phantom import write_hipmri_phantoms
+    from bundle.data.phantom import write_hipmri_phantoms
 
     root = tmp_path_factory.mktemp("phantom")
     write_hipmri_phantoms(root, train_cases=3, val_cases=1, test_cases=1, slices_per_case=6, trailing_axis_every=5)

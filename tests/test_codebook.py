@@ -6,9 +6,9 @@ import torch
 from ignite.engine import Engine
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 
-from bundle.codebook import find_quantizer, init_codebook, kmeans, restart_dead_codes
-from bundle.handlers import CodebookMonitor
-from bundle.networks.vqvae import VQVAE
+from bundle.stage1_vqvae.codebook import find_quantizer, init_codebook, kmeans, restart_dead_codes
+from bundle.stage1_vqvae.codebook_monitor import CodebookMonitor
+from bundle.stage1_vqvae.vqvae import VQVAE
 
 
 def _tiny_vqvae(num_embeddings: int = 32, decay: float = 0.99) -> VQVAE:

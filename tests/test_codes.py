@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle.codes import CodeDataset, encode_dataset, load_weights, prepare_code_batch
-from bundle.networks.vqvae import VQVAE
+from bundle.stage2_prior.codes import CodeDataset, encode_dataset, prepare_code_batch
+from bundle.engine.weights import load_weights
+from bundle.stage1_vqvae.vqvae import VQVAE
 
 
 def _vqvae(num_embeddings: int = 16) -> VQVAE:

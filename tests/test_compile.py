@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from bundle.compiling import compile_unavailable_reason, use_compile
+from bundle.engine.compiling import compile_unavailable_reason, use_compile
 from conftest import ROOT
 
 

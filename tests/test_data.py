@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.data import datalist, detect_layout, slice_index
+from bundle.data.discovery import datalist, detect_layout, slice_index
 
 
 def test_hipmri_layout_lists_images_not_masks(phantom_dir: Path) -> None:
@@ -79,15 +79,15 @@ def test_clear_errors(tmp_path: Path) -> None:
 
 
 def test_demo_data_generated_only_for_the_demo_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bundle.phantom
+    import bundle.data.phantom
 
-    calls, real_writer = [], bundle.phantom.write_hipmri_phantoms
+    calls, real_writer = [], bundle.data.phantom.write_hipmri_phantoms
 
     def fake_writer(root, **kwargs):
         calls.append(Path(root))
         real_writer(root, train_cases=1, val_cases=1, test_cases=1, slices_per_case=2)
 
-    monkeypatch.setattr(bundle.phantom, "write_hipmri_phantoms", fake_writer)
+    monkeypatch.setattr(bundle.data.phantom, "write_hipmri_phantoms", fake_writer)
     demo = tmp_path / "demo"
     assert len(datalist(demo, "train", demo_dir=demo)) == 2
     assert calls == [demo]

@@ -29,7 +29,7 @@ TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "3", "--prior_head_cha
 # Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in train.json).
 RANK0_ONLY = {
     "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler", "ignite.handlers.ProgressBar",
-    "bundle.handlers.EngineCheckpointSaver", "bundle.handlers.AtomicCheckpointSaver", "bundle.handlers.SampleGridWriter",
+    "bundle.engine.checkpoint.EngineCheckpointSaver", "bundle.engine.checkpoint.AtomicCheckpointSaver", "bundle.stage2_prior.sample_grid.SampleGridWriter",
 }
 HANDLER_LISTS = ["train::handlers", "validate::handlers", "prior_train::handlers", "prior_validate::handlers"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 
-from bundle.metrics import (
+from bundle.evaluation.metrics import (
     _sample_pairs,
     code_histogram_distance,
     codebook_usage,
@@ -263,7 +263,7 @@ def test_nearest_ssim_copies_vs_unrelated():
 def test_nearest_ssim_is_vectorised(monkeypatch):
     # Load-independent speed guard: each SSIM call must cover ~batch_size sample-reference pairs, not one pair
     # (a per-pair loop is ~7x slower on 2 CPU cores: ~35 s instead of ~5 s for 16 x 1000 images of 256x128).
-    import bundle.metrics as metrics_module
+    import bundle.evaluation.metrics as metrics_module
 
     calls = []
     real = metrics_module.compute_ssim_and_cs

@@ -132,7 +132,7 @@ def test_verify_net_in_out() -> None:
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Tiny VQ-VAE and prior weights, saved like training saves them (plain state dicts)."""
-    from bundle.codebook import find_quantizer, init_codebook
+    from bundle.stage1_vqvae.codebook import find_quantizer, init_codebook
 
     tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_ckpt_export_reconstruction_network(tiny_weights: dict) -> None:
 
 def test_ckpt_export_decoder_for_sampling(tiny_weights: dict) -> None:
     module = _export(tiny_weights, "network_def", "decoder.ts", "model.pt", "[1, 64, 32]",
-                     "--network_def#_target_", "bundle.networks.export.VQVAEDecoder")
+                     "--network_def#_target_", "bundle.stage1_vqvae.export.VQVAEDecoder")
     assert not any(k.startswith("encoder.") for k in module.state_dict()), "the decoder export carries the encoder"
     codes = torch.randint(0, 64, (3, 64, 32), generator=torch.Generator().manual_seed(1))
     vqvae = tiny_weights["vqvae"]
@@ -195,7 +195,7 @@ def test_ckpt_export_decoder_for_sampling(tiny_weights: dict) -> None:
 
 def test_ckpt_export_prior(tiny_weights: dict) -> None:
     module = _export(tiny_weights, "prior_def", "prior.ts", "prior.pt", "[1, 64, 32]",
-                     "--prior_def#_target_", "bundle.networks.export.GatedPixelCNNLogits")
+                     "--prior_def#_target_", "bundle.stage2_prior.export.GatedPixelCNNLogits")
     codes = torch.randint(0, 64, (3, 64, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         eager = tiny_weights["prior"](codes)
@@ -208,7 +208,7 @@ def test_ckpt_export_prior(tiny_weights: dict) -> None:
 
 def test_conditioned_prior_traces_with_labels() -> None:
     """ckpt_export traces with a single input; a class-conditioned prior needs (codes, labels): trace it directly."""
-    from bundle.networks.export import GatedPixelCNNLogits
+    from bundle.stage2_prior.export import GatedPixelCNNLogits
 
     torch.manual_seed(0)
     prior = GatedPixelCNNLogits(num_embeddings=64, channels=16, num_layers=3, num_classes=4, head_channels=32).eval()
@@ -223,10 +223,10 @@ def test_conditioned_prior_traces_with_labels() -> None:
 
 
 def test_exported_decoder_does_not_load_mismatched_weights(tiny_weights: dict) -> None:
-    from bundle.networks.export import VQVAEDecoder
+    from bundle.stage1_vqvae.export import VQVAEDecoder
 
     parser = _tiny_parser("--num_embeddings", "32")
-    parser["network_def::_target_"] = "bundle.networks.export.VQVAEDecoder"
+    parser["network_def::_target_"] = "bundle.stage1_vqvae.export.VQVAEDecoder"
     decoder = parser.get_parsed_content("network_def", lazy=False)
     assert isinstance(decoder, VQVAEDecoder)
     with pytest.raises(RuntimeError, match="size mismatch"):

@@ -65,7 +65,7 @@ def _save_weights(bundle_dir: Path, overrides: dict) -> None:
 
 
 def _write_studies(folder: Path) -> None:
-    from bundle.phantom import phantom_slice
+    from bundle.data.phantom import phantom_slice
 
     folder.mkdir()
     for name, spec in STUDIES.items():

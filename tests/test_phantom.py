@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import bundle.phantom as phantom
-from bundle.phantom import LABELS, case_layout, phantom_slice, write_hipmri_phantoms
+import bundle.data.phantom as phantom
+from bundle.data.phantom import LABELS, case_layout, phantom_slice, write_hipmri_phantoms
 
 IMAGE_RE = re.compile(r"case_(\d{3})_week_(\d+)_slice_(\d+)\.nii\.gz")
 SPLITS = ("train", "validate", "test")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.networks.pixelcnn import GatedPixelCNN
-from bundle.sampling import sample_codes, sample_fast, sample_naive
+from bundle.stage2_prior.pixelcnn import GatedPixelCNN
+from bundle.stage2_prior.sampling import sample_codes, sample_fast, sample_naive
 
 
 def make_model(

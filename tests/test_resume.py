@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle.utils import latest_checkpoint
+from bundle.engine.checkpoint import latest_checkpoint
 from conftest import ROOT, TINY_NETWORK
 
 pytestmark = pytest.mark.slow

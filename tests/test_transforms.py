@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from PIL import Image
 
-from bundle.transforms import EnsureSlice2D
+from bundle.data.transforms import EnsureSlice2D
 from conftest import ROOT
 
 
@@ -114,7 +114,7 @@ def test_data_on_device_caches_on_the_device_and_augments_there(phantom_dir: Pat
 
 
 def test_data_on_a_gpu_refuses_worker_processes() -> None:
-    from bundle.transforms import to_device_when_cached
+    from bundle.data.transforms import to_device_when_cached
 
     with pytest.raises(ValueError, match="set num_workers to 0"):
         to_device_when_cached("image", "cuda:0", True, 2)

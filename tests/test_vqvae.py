@@ -6,7 +6,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import VQVAE as MonaiVQVAE
 
-from bundle.networks.vqvae import VQVAE
+from bundle.stage1_vqvae.vqvae import VQVAE
 from conftest import ROOT
 
 

@@ -106,7 +106,7 @@ def test_inference_keeps_each_input_geometry(trained: dict, tmp_path: Path) -> N
 def test_a_resumed_run_keeps_the_best_model(tmp_path: Path) -> None:
     from ignite.engine import Engine, Events
 
-    from bundle.handlers import AtomicCheckpointSaver
+    from bundle.engine.checkpoint import AtomicCheckpointSaver
 
     network = torch.nn.Linear(2, 2)
 

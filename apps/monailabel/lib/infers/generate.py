@@ -32,7 +32,7 @@ def _optional_int(value: Any) -> int | None:
 
 
 class GenerateInfer(BasicInferTask):
-    """Samples one slice from the prior (``bundle.generation.generate``), padded or cropped to the request
+    """Samples one slice from the prior (``bundle.stage2_prior.generation.generate``), padded or cropped to the request
     image's size (as ``Invertd`` does for a reconstruction) and written with its affine.
 
     Request params: ``temperature`` (float, default 1.0), ``seed`` (int; -1 or absent: a fresh random seed,
@@ -72,7 +72,7 @@ class GenerateInfer(BasicInferTask):
         return os.path.isfile(self.vqvae_path) and os.path.isfile(self.prior_path)
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        from bundle.transforms import EnsureSlice2Dd  # refuses 3D volumes, drops singleton axes
+        from bundle.data.transforms import EnsureSlice2Dd  # refuses 3D volumes, drops singleton axes
 
         return [LoadImaged(keys="image", image_only=False, ensure_channel_first=True), EnsureSlice2Dd(keys="image")]
 
@@ -80,19 +80,19 @@ class GenerateInfer(BasicInferTask):
         return []
 
     def _load_networks(self, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-        import bundle.codes
+        import bundle.stage2_prior.codes
 
         stamp = (os.stat(self.vqvae_path).st_mtime, os.stat(self.prior_path).st_mtime)
         cached = self._sampling_networks.get(device)
         if cached is None or cached[2] != stamp:  # (re)load when the weight files change, like BasicInferTask
             parser = inference_config(self.bundle_dir, self.overrides)
-            vqvae = bundle.codes.load_weights(parser.get_parsed_content("network_def"), self.vqvae_path, device)
-            prior = bundle.codes.load_weights(parser.get_parsed_content("prior_def"), self.prior_path, device)
+            vqvae = bundle.engine.weights.load_weights(parser.get_parsed_content("network_def"), self.vqvae_path, device)
+            prior = bundle.engine.weights.load_weights(parser.get_parsed_content("prior_def"), self.prior_path, device)
             cached = self._sampling_networks[device] = (vqvae, prior, stamp)
         return cached[0], cached[1]
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cpu") -> dict[str, Any]:
-        import bundle.generation
+        import bundle.stage2_prior.generation
 
         temperature = float(data.get("temperature", 1.0))
         if not temperature >= 0.0:
@@ -101,9 +101,9 @@ class GenerateInfer(BasicInferTask):
         seed = secrets.randbelow(2**31) if seed is None else seed
         label = _optional_int(data.get("label")) if self.num_classes else None
         if self.num_classes and label is None:
-            label = 0  # what bundle.generation.generate picks for a single slice without a label
+            label = 0  # what bundle.stage2_prior.generation.generate picks for a single slice without a label
         vqvae, prior = self._load_networks(device)
-        images, _ = bundle.generation.generate(vqvae, prior, 1, self.latent_shape, temperature, seed, label)
+        images, _ = bundle.stage2_prior.generation.generate(vqvae, prior, 1, self.latent_shape, temperature, seed, label)
         size = tuple(data["image"].shape[1:])  # the request image, channel first and 2D after EnsureSlice2Dd
         image = images[0] if size == self.image_size else ResizeWithPadOrCrop(spatial_size=size)(images[0])
         data["pred"] = convert_to_tensor(image, track_meta=False)

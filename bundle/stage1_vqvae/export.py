@@ -10,8 +10,7 @@ random float input of ``--input_shape``. Sampling needs two pieces that are not 
 Both cast their integer inputs with ``.long()``, so the float input that ``ckpt_export`` traces with (values in
 [0, 1), i.e. code 0) gives a valid trace; the exported modules take int64 code maps. Neither changes the weights'
 names, so use them by swapping the ``_target_`` of ``network_def`` / ``prior_def`` on the command line (see
-``docs/distributed_and_export.md``).
-"""
+``docs/distributed_and_export.md``)."""
 
 from __future__ import annotations
 
@@ -19,11 +18,7 @@ from typing import Any
 
 import torch
 
-from bundle.networks.pixelcnn import GatedPixelCNN
-from bundle.networks.vqvae import VQVAE
-
-__all__ = ["VQVAEDecoder", "GatedPixelCNNLogits"]
-
+from bundle.stage1_vqvae.vqvae import VQVAE
 
 def _drop_encoder_weights(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + "encoder.")]:
@@ -33,8 +28,8 @@ def _drop_encoder_weights(module: torch.nn.Module, state_dict: dict, prefix: str
 class VQVAEDecoder(VQVAE):
     """The VQ-VAE's decoder half: ``forward(codes [B, h, w]) -> images [B, out_channels, H, W]``.
 
-    Same arguments as :class:`bundle.networks.vqvae.VQVAE` (``return_loss`` is ignored). The output is what
-    ``decode_samples`` gives, unclamped (``bundle.generation.generate`` clamps it to [0, 1]).
+    Same arguments as :class:`bundle.stage1_vqvae.vqvae.VQVAE` (``return_loss`` is ignored). The output is what
+    ``decode_samples`` gives, unclamped (``bundle.stage2_prior.generation.generate`` clamps it to [0, 1]).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -45,14 +40,3 @@ class VQVAEDecoder(VQVAE):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.decode_samples(codes.long())
-
-
-class GatedPixelCNNLogits(GatedPixelCNN):
-    """:class:`~bundle.networks.pixelcnn.GatedPixelCNN` whose ``forward`` casts codes (and labels) to int64.
-
-    ``forward(codes [B, h, w], labels [B] or None) -> logits [B, num_embeddings, h, w]``. Tracing bakes the
-    range checks of ``GatedPixelCNN.embed`` out of the graph, so the exported module does not validate codes.
-    """
-
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(codes.long(), None if labels is None else labels.long())

@@ -1,4 +1,4 @@
-"""Sampling code maps from a :class:`~bundle.networks.pixelcnn.GatedPixelCNN` prior.
+"""Sampling code maps from a :class:`~bundle.stage2_prior.pixelcnn.GatedPixelCNN` prior.
 
 Two samplers that return exactly the same code maps for the same weights and seed:
 
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bundle.networks.pixelcnn import GatedPixelCNN
+from bundle.stage2_prior.pixelcnn import GatedPixelCNN
 
 __all__ = ["sample_naive", "sample_fast", "sample_codes"]
 

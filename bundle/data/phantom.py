@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from bundle.utils import nifti_gz_bytes
+from bundle.engine.io import nifti_gz_bytes
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -391,7 +391,7 @@ def _plan(train_cases, val_cases, test_cases, slices_per_case, seed, trailing_ax
         if not 0 <= n <= hi - lo + 1:
             raise ValueError(f"{split}: {n} cases, at most {hi - lo + 1} supported")
         cases[split] = list(range(lo, lo + n))
-    return {"generator": "bundle.phantom", "version": GENERATOR_VERSION, "seed": seed,
+    return {"generator": "bundle.data.phantom", "version": GENERATOR_VERSION, "seed": seed,
             "slices_per_case": slices_per_case, "trailing_axis_every": trailing_axis_every,
             "cases": cases, "counts": {s: len(c) * slices_per_case for s, c in cases.items()}}
 

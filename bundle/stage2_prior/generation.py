@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bundle import metrics
-from bundle.sampling import sample_codes
-from bundle.utils import atomic_write_bytes, atomic_write_json, nifti_gz_bytes, save_grid, save_image_grid, to_uint8
+from bundle.evaluation import metrics
+from bundle.stage2_prior.sampling import sample_codes
+from bundle.engine.io import atomic_write_bytes, atomic_write_json, nifti_gz_bytes, save_grid, save_image_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def generation_report(
         prior: the trained prior.
         train_dataset: training slices (``{"image": ...}``, no augmentation), the memorisation references.
         test_dataset: test slices.
-        test_codes: the test split encoded by :func:`bundle.codes.encode_dataset`.
+        test_codes: the test split encoded by :func:`bundle.stage2_prior.codes.encode_dataset`.
         latent_shape: code map shape.
         output_dir: where the JSON, samples and picture go.
         num_samples: generated slices, and real slices per side of each comparison.

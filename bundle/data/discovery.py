@@ -127,7 +127,7 @@ def datalist(
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
     root = Path(dataset_dir)
     if demo_dir is not None and not root.exists() and root.resolve() == Path(demo_dir).resolve():
-        from bundle.phantom import write_hipmri_phantoms
+        from bundle.data.phantom import write_hipmri_phantoms
 
         logger.info(f"Demo data not found; generating synthetic pelvis phantoms in '{root}'.")
         write_hipmri_phantoms(root)

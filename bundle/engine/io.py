@@ -1,0 +1,94 @@
+"""Atomic file writes and image grids shared by every workflow."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path`` and renames it into place.
+
+    A kill at any moment leaves either the old file or the new one, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, content: Any) -> None:
+    """Writes ``content`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(content, indent=2, sort_keys=True) + "\n").encode())
+
+
+def nifti_gz_bytes(data: np.ndarray, affine: np.ndarray | None = None) -> bytes:
+    """Gzipped NIfTI-1 bytes of ``data`` (1 mm identity geometry by default) with a fixed gzip header.
+
+    ``mtime=0`` keeps the header, and so the file, byte-identical when the same array is written again.
+    """
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    image.header.set_data_dtype(data.dtype)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def to_uint8(image: torch.Tensor | np.ndarray, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """A 2D image scaled from ``[low, high]`` to uint8, clipped."""
+    array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float32)
+    return (np.clip((array - low) / (high - low), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int = 4) -> None:
+    """Writes images ``[N, 1, H, W]`` in ``[0, 1]`` as a PNG grid of ``columns`` tiles a row (see :func:`save_grid`)."""
+    tiles = [to_uint8(image[0]) for image in images]
+    save_grid(path, [tiles[i : i + columns] for i in range(0, len(tiles), columns)])
+
+
+def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> None:
+    """Writes a PNG of uint8 2D tiles arranged in rows (tiles of a row share a height), atomically.
+
+    Tiles are given as stored (axis 0 = left-right for HipMRI) and shown transposed, anterior up.
+    """
+    from PIL import Image
+
+    shown = [[np.ascontiguousarray(tile.T) for tile in row] for row in rows]
+    height = sum(max(t.shape[0] for t in row) for row in shown) + gap * (len(shown) - 1)
+    width = max(sum(t.shape[1] for t in row) + gap * (len(row) - 1) for row in shown)
+    canvas = np.zeros((height, width), np.uint8)
+    y = 0
+    for row in shown:
+        x = 0
+        for tile in row:
+            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+            x += tile.shape[1] + gap
+        y += max(t.shape[0] for t in row) + gap
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())

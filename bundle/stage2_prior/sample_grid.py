@@ -1,0 +1,63 @@
+"""A trainer handler that samples slices from the prior as it learns and saves them as a grid."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from ignite.engine import Engine, Events
+
+from bundle.engine.io import save_image_grid
+
+logger = logging.getLogger(__name__)
+
+class SampleGridWriter:
+    """Every ``interval`` epochs (and at the end), samples slices from the prior and logs them as a grid.
+
+    Args:
+        vqvae: the frozen VQ-VAE that decodes the codes.
+        prior: the prior being trained (DDP-wrapped or not).
+        latent_shape: code map shape.
+        path: PNG path, overwritten each time (the newest grid).
+        log_dir: TensorBoard folder for an image ``prior_samples`` per epoch; None disables.
+        num_samples: slices per grid.
+        interval: epochs between grids; 0 only at the end.
+        temperature: prior temperature.
+        seed: fixed, so that successive grids show the same random draws as the prior learns.
+    """
+
+    def __init__(
+        self,
+        vqvae: torch.nn.Module,
+        prior: torch.nn.Module,
+        latent_shape: tuple[int, int],
+        path: str,
+        log_dir: str | None = None,
+        num_samples: int = 8,
+        interval: int = 5,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.vqvae, self.prior = vqvae, getattr(prior, "module", prior)
+        self.latent_shape, self.path, self.log_dir = tuple(latent_shape), path, log_dir
+        self.num_samples, self.interval, self.temperature, self.seed = num_samples, interval, temperature, seed
+
+    def attach(self, engine: Engine) -> None:
+        """Registers the sampling events."""
+        if self.interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from bundle.stage2_prior.generation import generate
+
+        images, _ = generate(self.vqvae, self.prior, self.num_samples, self.latent_shape, self.temperature, self.seed)
+        save_image_grid(self.path, images)
+        if self.log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(self.log_dir) as writer:
+                # Transposed like the PNG grid: anterior up.
+                writer.add_images("prior_samples", images.transpose(-1, -2), engine.state.epoch)
+        logger.info(f"Epoch {engine.state.epoch}: prior samples written to {os.path.abspath(self.path)}")

@@ -28,9 +28,17 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def config_list(configs: str) -> str:
+    """``"a.json,b.json"`` as the list literal MONAI's runner takes for layered configs: ``"['a.json', 'b.json']"``."""
+    return str(configs.split(","))
+
+
 def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs ``python -m monai.bundle run`` from the bundle root; fails the test with the log on a non-zero exit."""
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *map(str, args)]
+    """Runs ``python -m monai.bundle run`` from the bundle root; fails the test with the log on a non-zero exit.
+
+    ``config`` is one config file or several, comma-separated, layered in that order (given to MONAI as a list).
+    """
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_list(config), *map(str, args)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:

@@ -108,7 +108,7 @@ def _probe_overlay(tmp: Path) -> Path:
 def test_writers_are_disabled_on_other_ranks_and_only_writers() -> None:
     """Every file/console writer is rank-0 only, and nothing that takes part in collectives is."""
     parser = ConfigParser()
-    parser.read_config(["configs/train.json", "configs/multi_gpu_train.json"])
+    parser.read_config(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json", "configs/multi_gpu_train.json"])
     for list_id in HANDLER_LISTS:
         for index, handler in enumerate(parser[list_id]):
             target = handler["_target_"]
@@ -118,38 +118,36 @@ def test_writers_are_disabled_on_other_ranks_and_only_writers() -> None:
 
 def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
     parser = ConfigParser()
-    parser.read_config(["configs/train.json", "configs/multi_gpu_train.json"])
+    parser.read_config(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json", "configs/multi_gpu_train.json"])
     parser.resolve_macro_and_relative_ids()
-    for net in ("network", "prior_network"):
-        assert parser[net]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
-        assert "network_def" in parser[net]["module"] or "prior_def" in parser[net]["module"]
+    for net, definition in (("network", "@network_def"), ("prior_network", "@prior_def")):
+        assert parser[net].startswith("$torch.nn.parallel.DistributedDataParallel(") and definition in parser[net]
     for stage in ("train", "validate", "prior_train", "prior_validate"):
         sampler = parser[f"{stage}::sampler"]
         assert sampler["_target_"] == "DistributedSampler" and sampler["even_divisible"] is True
-        assert parser[f"{stage}::dataloader::sampler"] == f"@{stage}::sampler"
+        assert parser[f"{stage}::dataloader::sampler"] == f"@{stage}::sampler".replace("::", "#")
         assert parser[f"{stage}::dataloader::shuffle"] is False
     # savers and loaders see the raw networks' state dicts: ignite unwraps DDP, and frozen_vqvae loads network_def
     assert "@network_def" in parser["frozen_vqvae"]
 
 
-def test_overlay_keeps_train_json_steps() -> None:
-    """initialize/finalize wrap train.json's own lists; training is train.json's with a barrier between the stages."""
-    train = ConfigParser.load_config_file(str(ROOT / "configs" / "train.json"))
+def test_overlay_only_adds_what_changes_across_processes() -> None:
+    """The overlay holds the process group, the device, DDP wrapping and samplers, and no copy of other IDs."""
     overlay = ConfigParser.load_config_file(str(ROOT / "configs" / "multi_gpu_train.json"))
-    assert overlay["train_initialize"] == "%configs/train.json::initialize" and "@train_initialize" in overlay["initialize"]
-    assert overlay["train_finalize"] == "%configs/train.json::finalize" and "@train_finalize" in overlay["finalize"]
-    assert overlay["initialize"][0].startswith("$dist.is_initialized() or dist.init_process_group")
-    assert overlay["finalize"][-1] == "$dist.destroy_process_group()"
-    steps = [step for step in overlay["training"] if step != "$dist.barrier()"]
-    assert steps == train["training"], "configs/train.json's 'training' changed: update the overlay's copy"
-    assert overlay["training"].index("$dist.barrier()") == 1
+    allowed = {"device", "dist_backend", "ddp_device_ids", "network", "prior_network", "initialize", "training", "finalize"}
+    extra = {key for key in overlay if key not in allowed and not key.endswith("sampler")}
+    assert not extra, f"the multi-GPU overlay copies IDs it does not change: {sorted(extra)}"
+    assert overlay["initialize"][0].startswith("$torch.distributed.is_initialized() or")
+    assert overlay["finalize"][-1] == "$torch.distributed.destroy_process_group()"
+    assert overlay["training"] == ["$@train#trainer.run()", "$torch.distributed.barrier()", "$@prior_train#trainer.run()"]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
     tmp = tmp_path_factory.mktemp("ddp")
     overlay = _probe_overlay(tmp)
-    configs = f"['configs/train.json','configs/multi_gpu_train.json','{overlay}']"
+    configs = str(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json",
+                   "configs/multi_gpu_train.json", str(overlay)])
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
         "-m", "monai.bundle", "run", "training", "--config_file", configs,

@@ -24,7 +24,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dic
     out = tmp_path_factory.mktemp("pipeline")
     sizes = [*TINY_NETWORK, *TINY_PRIOR, "--num_classes", 3]
     common = ["--output_dir", out / "outputs", "--ckpt_dir", out / "models", *sizes]
-    train = run_bundle("training", "configs/train.json", "--dataset_dir", phantom_dir, *common, "--batch_size", 4,
+    train = run_bundle("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--dataset_dir", phantom_dir, *common, "--batch_size", 4,
                        "--max_epochs", 2, "--prior_max_epochs", 3, "--prior_batch_size", 4,
                        "--prior_sample_interval", 2, "--prior_sample_count", 4)
     return {"out": out, "common": common, "train": train, "dataset": phantom_dir}
@@ -53,7 +53,7 @@ def test_sampling_is_reproducible_for_a_seed(pipeline: dict) -> None:
     out = pipeline["out"]
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        run_bundle("sampling", "configs/sample.json", *pipeline["common"], "--output_dir", out / name,
+        run_bundle("sampling", "configs/inference.json,configs/sample.json", *pipeline["common"], "--output_dir", out / name,
                    "--num_samples", 3, "--seed", seed, "--label", 1)
         runs[name] = _digest(out / name / "samples")
     assert sorted(runs["a"]) == ["sample_000.nii.gz", "sample_001.nii.gz", "sample_002.nii.gz", "samples.png"]
@@ -66,7 +66,7 @@ def test_sampling_is_reproducible_for_a_seed(pipeline: dict) -> None:
 
 def test_generation_metrics(pipeline: dict) -> None:
     out = pipeline["out"]
-    run_bundle("evaluating", "configs/evaluate_generation.json", *pipeline["common"], "--dataset_dir",
+    run_bundle("evaluating", "configs/inference.json,configs/evaluate_generation.json", *pipeline["common"], "--dataset_dir",
                pipeline["dataset"], "--num_samples", 6)
     report = json.loads((out / "outputs" / "generation_metrics.json").read_text())
     assert report["num_samples"] == 6

@@ -51,7 +51,7 @@ def _copy_split(phantom_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_missing_dataset_dir_is_named(tmp_path: Path) -> None:
-    log = run_failing("training", "configs/train.json", "--dataset_dir", tmp_path / "nowhere", "--output_dir", tmp_path)
+    log = run_failing("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--dataset_dir", tmp_path / "nowhere", "--output_dir", tmp_path)
     assert f"dataset_dir '{tmp_path / 'nowhere'}' does not exist" in log
 
 
@@ -59,7 +59,7 @@ def test_empty_split_is_named(tmp_path: Path, phantom_dir: Path) -> None:
     root = _copy_split(phantom_dir, tmp_path)
     for f in (root / "keras_slices_validate").iterdir():
         f.unlink()
-    log = run_failing("training", "configs/train.json", "--dataset_dir", root, "--output_dir", tmp_path / "o", *FAST)
+    log = run_failing("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--dataset_dir", root, "--output_dir", tmp_path / "o", *FAST)
     assert "split 'validate'" in log and "holds no images" in log
 
 
@@ -77,28 +77,28 @@ def test_broken_files_are_named(tmp_path: Path, phantom_dir: Path, problem: str)
     else:
         nib.save(nib.Nifti1Image(np.ones((256, 128, 12), np.float32), np.eye(4)), victim)
         expected = [str(victim), "spatial shape (256, 128, 12)", "2D slices"]
-    log = run_failing("training", "configs/train.json", "--dataset_dir", root, "--output_dir", tmp_path / "o", *FAST)
+    log = run_failing("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--dataset_dir", root, "--output_dir", tmp_path / "o", *FAST)
     for text in expected:
         assert text in log, text
 
 
 def test_wrong_override_type_is_named(tmp_path: Path, phantom_dir: Path) -> None:
-    log = run_failing("training", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
+    log = run_failing("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
                       "--max_epochs", "abc")
     assert "max_epochs must be int, got 'abc'" in log
 
 
 def test_weights_from_another_configuration_are_refused(tmp_path: Path, phantom_dir: Path) -> None:
     out = tmp_path / "o"
-    run_bundle("training_vqvae", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", out,
+    run_bundle("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", out,
                "--ckpt_dir", out / "models", "--max_epochs", 1, *FAST)
     other = [a if a != "64" else "32" for a in map(str, TINY_NETWORK)]  # another codebook size
-    log = run_failing("evaluating", "configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out,
+    log = run_failing("evaluating", "configs/inference.json,configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out,
                       "--ckpt_dir", out / "models", *other)
     assert "size mismatch for quantizer.quantizer.embedding.weight" in log
     # Resuming training with another width is refused too, never a silent partial load.
     wider = [a if a != "[16, 32]" else "[16, 48]" for a in map(str, TINY_NETWORK)]
-    log = run_failing("training_vqvae", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", out,
+    log = run_failing("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", out,
                       "--ckpt_dir", out / "models", "--max_epochs", 2, "--batch_size", 4, *wider)
     assert "size mismatch" in log
 
@@ -107,7 +107,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_checkpoints_finite(tmp_path: P
     # A good first epoch (4 iterations), then NaN from the first iteration of epoch 2.
     nan_later = ("$lambda p, t, calls=[0]: (calls.__setitem__(0, calls[0] + 1), torch.nn.functional.l1_loss(p, t)"
                  " * (float('nan') if calls[0] > 4 else 1.0))[1]")
-    log = run_failing("training_vqvae", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
+    log = run_failing("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
                       "--ckpt_dir", tmp_path / "models", "--max_epochs", 2, *FAST, "--recon_loss", nan_later)
     assert "Non-finite loss or gradient at epoch 2, iteration 5" in log and "FloatingPointError" in log
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["checkpoint_epoch=1.pt"]
@@ -121,7 +121,7 @@ def test_nan_batch_is_skipped_and_counted_in_skip_mode(tmp_path: Path, phantom_d
     # NaN on the second batch only.
     nan_once = ("$lambda p, t, calls=[0]: (calls.__setitem__(0, calls[0] + 1), torch.nn.functional.l1_loss(p, t)"
                 " * (float('nan') if calls[0] == 2 else 1.0))[1]")
-    result = run_bundle("training_vqvae", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
+    result = run_bundle("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
                         "--ckpt_dir", tmp_path / "models", "--max_epochs", 2, *FAST, "--recon_loss", nan_once,
                         "--nonfinite_mode", "skip")
     log = result.stdout + result.stderr
@@ -134,7 +134,7 @@ def test_same_seed_same_weights_and_run_record(tmp_path: Path, phantom_dir: Path
     states = []
     for name in ("a", "b"):
         out = tmp_path / name
-        run_bundle("training_vqvae", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", out,
+        run_bundle("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", out,
                    "--ckpt_dir", out / "models", "--max_epochs", 1, *FAST)
         states.append(torch.load(out / "models" / "model_final.pt", weights_only=True))
     assert states[0].keys() == states[1].keys()

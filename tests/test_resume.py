@@ -34,7 +34,8 @@ def _saved_epoch(directory: Path) -> int:
 
 def test_killed_training_resumes_and_finishes(tmp_path: Path, phantom_dir: Path) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+               str(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json"]),
                "--dataset_dir", str(phantom_dir), "--output_dir", str(out / "outputs"), "--ckpt_dir", str(out / "models"),
                "--batch_size", "4", "--max_epochs", str(EPOCHS), "--prior_max_epochs", str(PRIOR_EPOCHS), "--prior_batch_size", "4",
                "--prior_channels", "16", "--prior_layers", "3", "--prior_head_channels", "32",

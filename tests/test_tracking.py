@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_mlflow_tracking_records_losses_metrics_and_codebook(tmp_path: Path, phantom_dir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    run_bundle("training_vqvae", "configs/train.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
+    run_bundle("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", tmp_path,
                "--ckpt_dir", tmp_path / "models", "--batch_size", 4, "--max_epochs", 2, *TINY_NETWORK,
                "--tracking", "configs/mlflow.json")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")

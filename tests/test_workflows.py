@@ -22,8 +22,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict
     out = tmp_path_factory.mktemp("train")
     common = ["--dataset_dir", phantom_dir, "--output_dir", out / "outputs", "--ckpt_dir", out / "models",
               "--batch_size", 4, *TINY_NETWORK]
-    first = run_bundle("training", "configs/train.json", "--max_epochs", 2, *common)
-    second = run_bundle("training", "configs/train.json", "--max_epochs", 3, *common)
+    first = run_bundle("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--max_epochs", 2, *common)
+    second = run_bundle("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--max_epochs", 3, *common)
     return {"out": out, "common": common, "first": first, "second": second}
 
 
@@ -70,7 +70,7 @@ def test_tensorboard_has_losses_metrics_codebook_and_images(trained: dict) -> No
 
 def test_evaluating_writes_metrics_csv_and_grid(trained: dict, phantom_dir: Path) -> None:
     out = trained["out"]
-    run_bundle("evaluating", "configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out / "eval",
+    run_bundle("evaluating", "configs/inference.json,configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out / "eval",
                "--ckpt_dir", out / "models", *TINY_NETWORK)
     summary = json.loads((out / "eval" / "reconstruction_metrics.json").read_text())
     assert summary["n_images"] == 6

@@ -8,7 +8,7 @@ PY=.venv/bin/python
 # On shared or busy CPUs, spinning OpenMP threads wait whole time slices for each other (measured 1.8x slower).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 start=$(date +%s)
-$PY -m monai.bundle run training --config_file configs/train.json "$@"
+$PY -m monai.bundle run training --config_file "['configs/inference.json','configs/train_vqvae.json','configs/train_prior.json']" "$@"
 $PY -m monai.bundle run evaluating --config_file configs/evaluate.json
 $PY -m monai.bundle run sampling --config_file configs/sample.json --num_samples 16
 $PY -m monai.bundle run evaluating --config_file configs/evaluate_generation.json

@@ -2,7 +2,7 @@
 
     python scripts/soak.py --iterations 3000 --slices 20000 --json outputs/soak.json
 
-1. Builds the bundle's VQ-VAE trainer from ``configs/train.json`` (tiny phantom set, tiny network by default so
+1. Builds the bundle's VQ-VAE trainer from ``configs/inference.json`` + ``configs/train_vqvae.json`` (tiny phantom set, tiny network by default so
    thousands of iterations fit in minutes on a CPU), runs ``--iterations`` iterations and samples the process's
    resident memory (RSS) every ``--every`` iterations; reports the growth after a warm-up.
 2. Writes ``--slices`` HipMRI-layout files (hard links to a few phantom slices, so the disk cost is nil), times
@@ -38,7 +38,7 @@ def parser_for(overrides: dict):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.read_config([str(ROOT / "configs" / name) for name in ("inference.json", "train_vqvae.json")])
     parser.update(overrides)
     return parser
 

@@ -11,9 +11,9 @@ What it does:
 1. Data: a fresh copy of the default phantom set (``bundle.data.phantom.write_hipmri_phantoms`` with its defaults,
    the same files as ``data/phantom``) in a temporary work folder, so that nothing another run does to
    ``data/phantom`` matters; ``--dataset_dir`` uses an existing set instead. Generating it is not timed.
-2. Training, cold: ``python -m monai.bundle run training_vqvae`` with ``configs/train.json`` and a large
+2. Training, cold: ``python -m monai.bundle run training`` with ``configs/inference.json`` + ``configs/train_vqvae.json`` and a large
    ``--max_epochs``, temp ``output_dir``/``ckpt_dir``, and nothing else changed, plus one extra config file
-   merged after ``configs/train.json``: ``{"+initialize": [...]}`` appends to ``initialize`` an expression that
+   merged after them: ``{"+initialize": [...]}`` appends to ``initialize`` an expression that
    attaches, to the validation evaluator, a handler calling ``trainer.terminate()`` once the key metric
    (``val_ssim``) reaches the target. ``terminate()`` ends the run at the end of that epoch, after the best
    model (``models/model.pt``) and the resumable checkpoint are written, then the workflow finishes normally.
@@ -76,11 +76,11 @@ def machine() -> dict:
 
 
 def effective_settings(overrides: dict[str, str], dataset_dir: str) -> dict:
-    """The training settings as ``configs/train.json`` resolves them (with the overrides), without running it."""
+    """The training settings as the training configs resolve them (with the overrides), without running it."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(ROOT, "configs", "train.json"))
+    parser.read_config([os.path.join(ROOT, "configs", name) for name in ("inference.json", "train_vqvae.json")])
     parser.update({"bundle_root": ROOT, "dataset_dir": dataset_dir})
     for key, value in overrides.items():
         parser[key] = _literal(value)
@@ -117,7 +117,7 @@ def _literal(value: str):
 
 
 def stop_config(path: str, key_metric: str, target: float) -> str:
-    """A config file to merge after train.json: stop training at the end of the epoch that reaches the target."""
+    """A config file to merge after the training configs: stop training at the end of the epoch that reaches the target."""
     expression = (
         "$@validate::evaluator.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED, "
         f"lambda engine: @train::trainer.terminate() if engine.state.metrics.get('{key_metric}', -1.0) >= {target!r} "
@@ -218,7 +218,7 @@ def main() -> None:
     common = {"dataset_dir": dataset_dir, "ckpt_dir": os.path.join(work, "models"), **overrides}
     train_args = {**common, "output_dir": os.path.join(work, "outputs"), "max_epochs": args.max_epochs}
     stop_file = stop_config(os.path.join(work, "stop_at_target.json"), key, args.target)
-    train_cmd = bundle_command("training_vqvae", ["configs/train.json", stop_file], train_args)
+    train_cmd = bundle_command("training", ["configs/inference.json", "configs/train_vqvae.json", stop_file], train_args)
     log(f"machine : {info['cpu']} | {info['cpu_cores']} cores, {info['torch_threads']} torch threads | GPU "
         f"{info['gpu'] or 'none'} | python {info['python']}, torch {info['torch']}, monai {info['monai']}, ignite "
         f"{info['ignite']} | load {info['load_average_start'][0]:.2f} | env {info['env'] or '-'}")
@@ -271,7 +271,7 @@ def main() -> None:
             status = "training ended before the target (raise --max_epochs)"
             break
         eval_dir = os.path.join(work, f"eval_round{round_index}")
-        eval_cmd = bundle_command("evaluating", ["configs/evaluate.json"], {**common, "output_dir": eval_dir})
+        eval_cmd = bundle_command("evaluating", ["configs/inference.json", "configs/evaluate.json"], {**common, "output_dir": eval_dir})
         t = time.monotonic()
         done = subprocess.run(eval_cmd, cwd=ROOT, capture_output=True, text=True)
         eval_s = time.monotonic() - t

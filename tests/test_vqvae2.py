@@ -260,5 +260,5 @@ def test_monitor_restarts_dead_codes_and_reports_each_level() -> None:
         assert metrics[f"codebook_{level}_dead"] == size - used
         assert 1.0 <= metrics[f"codebook_{level}_perplexity"] <= used
         # every code unused within a restart window (iterations 7-9, 10-12) was restarted
-        unused = [size - torch.unique(torch.cat(last_epoch[i : i + 3])).numel() for i in (0, 3)]
+        unused = [size - torch.unique(torch.cat(window)).numel() for window in (last_epoch[:3], last_epoch[3:])]
         assert metrics[f"codebook_{level}_restarted"] == sum(unused) > 0

@@ -54,7 +54,8 @@ class QuantizerWatch:
             init_codebook(self.quantizer, args[0], generator=self.generator)
             self.pending_init = False
             vectors = flatten_encodings(args[0]).shape[0]
-            logger.info(f"Codebook {self.name or ''} initialised by k-means on {vectors} encoder outputs.")
+            codebook = f"{self.name} codebook" if self.name else "Codebook"
+            logger.info(f"{codebook} initialised by k-means on {vectors} encoder outputs.")
 
     def after_quantize(self, module: torch.nn.Module, args: tuple, output: tuple) -> None:
         """Forward hook: counts the codes chosen (``output[2]``) and keeps a sample of the inputs."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from ignite.engine import Engine
 from monai.networks.layers.vector_quantizer import EMAQuantizer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bundle.stage1_vqvae.codebook import find_quantizer, init_codebook, kmeans, restart_dead_codes
 from bundle.stage1_vqvae.codebook_monitor import CodebookMonitor
@@ -13,9 +16,17 @@ from bundle.stage1_vqvae.vqvae import VQVAE
 
 def _tiny_vqvae(num_embeddings: int = 32, decay: float = 0.99) -> VQVAE:
     return VQVAE(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), num_res_layers=1, num_res_channels=(8, 8),
-        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)), upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
-        num_embeddings=num_embeddings, embedding_dim=4, decay=decay,
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        num_res_layers=1,
+        num_res_channels=(8, 8),
+        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+        upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+        num_embeddings=num_embeddings,
+        embedding_dim=4,
+        decay=decay,
     )
 
 
@@ -88,7 +99,10 @@ def test_monitor_reports_epoch_usage_and_restarts_dead_codes() -> None:
     assert metrics["codebook_usage"] == used / 32
     assert metrics["codebook_dead"] == 32 - used
     assert 1.0 <= metrics["codebook_perplexity"] <= used
-    assert metrics["codebook_restarted"] >= 0
+    # Every code unused within one of the epoch's restart windows (iterations 7-9 and 10-12) was restarted.
+    unused = [32 - torch.unique(torch.cat(window)).numel() for window in (seen[6:9], seen[9:12])]
+    assert metrics["codebook_restarted"] == sum(unused) > 0
+    assert set(metrics) == {"codebook_usage", "codebook_perplexity", "codebook_dead", "codebook_restarted"}
 
 
 def test_monitor_initialises_only_a_fresh_run() -> None:
@@ -112,3 +126,34 @@ def test_monitor_initialises_only_a_fresh_run() -> None:
     before = fresh_quantizer.embedding.weight.clone()
     engine.run(batches[:1], max_epochs=1)
     assert not torch.allclose(fresh_quantizer.embedding.weight, before, atol=0.1)
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the name of every ATen op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops whose result size or value the host must read (a GPU stream sync when run on a GPU).
+HOST_READING_OPS = {"_local_scalar_dense", "nonzero", "bincount", "unique", "_unique2", "masked_select", "equal"}
+
+
+def test_monitor_step_hooks_do_not_read_device_values_on_the_host() -> None:
+    torch.manual_seed(0)
+    net = _tiny_vqvae(num_embeddings=32).train()
+    monitor = CodebookMonitor(net, init_from_data=False, restart_dead=True, restart_interval=10)
+    quantizer = find_quantizer(net)
+    encodings = torch.randn(2, 4, 8, 8)
+    output = quantizer(encodings)
+    log = _OpLog()
+    with log:
+        monitor.watches[0].after_quantize(quantizer, (encodings,), output)
+    assert "index_add_" in log.ops and "randperm" in log.ops  # the hook ran (test premise)
+    assert not HOST_READING_OPS & set(log.ops)
+    assert int(monitor.epoch_counts.sum()) == 2 * 8 * 8

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import ROOT
 from monai.bundle import ConfigParser
-from monai.networks.nets import VQVAE as MonaiVQVAE
+from monai.networks import nets
 
 from bundle.stage1_vqvae.vqvae import VQVAE
-from conftest import ROOT
 
 
 def _network_args() -> dict:
@@ -36,7 +36,7 @@ def test_default_latent_is_64x32_and_outputs() -> None:
 
 def test_state_dict_matches_monai_vqvae() -> None:
     args = _network_args()
-    ours, theirs = VQVAE(**args), MonaiVQVAE(**args)
+    ours, theirs = VQVAE(**args), nets.VQVAE(**args)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     theirs.load_state_dict(ours.state_dict(), strict=True)
 
@@ -44,9 +44,16 @@ def test_state_dict_matches_monai_vqvae() -> None:
 def test_quantisation_stays_fp32_under_cpu_bf16_autocast() -> None:
     torch.manual_seed(0)
     net = VQVAE(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), num_res_layers=1, num_res_channels=(8, 8),
-        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)), upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
-        num_embeddings=512, embedding_dim=8,
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        num_res_layers=1,
+        num_res_channels=(8, 8),
+        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+        upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+        num_embeddings=512,
+        embedding_dim=8,
     ).eval()
     # Codes packed closely, so bf16 distances would tie or swap.
     net.quantizer.quantizer.embedding.weight.data = 1.0 + 1e-3 * torch.randn(512, 8)

@@ -13,12 +13,35 @@ import torch.distributed as dist
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 
 
-def find_quantizer(network: torch.nn.Module) -> EMAQuantizer:
-    """The EMA quantiser inside a (possibly DDP-wrapped or compiled) VQ-VAE."""
-    for module in network.modules():
+def find_quantizers(network: torch.nn.Module) -> dict[str, EMAQuantizer]:
+    """Every EMA quantiser inside a (possibly DDP-wrapped or compiled) VQ-VAE, by level name.
+
+    A level's name is the quantiser's attribute name without a ``_quantizer`` suffix (``top_quantizer`` ->
+    ``top``), or its full module path (dots as underscores) where that name would repeat.
+
+    Raises:
+        TypeError: when the network holds no ``EMAQuantizer``.
+    """
+    found: dict[str, EMAQuantizer] = {}
+    for path, module in network.named_modules():
         if isinstance(module, EMAQuantizer):
-            return module
-    raise TypeError(f"{type(network).__name__} holds no monai EMAQuantizer.")
+            name = path.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            found[path.replace(".", "_") if name in found else name] = module
+    if not found:
+        raise TypeError(f"{type(network).__name__} holds no monai EMAQuantizer.")
+    return found
+
+
+def find_quantizer(network: torch.nn.Module) -> EMAQuantizer:
+    """The EMA quantiser of a single-level VQ-VAE.
+
+    Raises:
+        TypeError: when the network holds no ``EMAQuantizer`` or several (use :func:`find_quantizers`).
+    """
+    quantizers = find_quantizers(network)
+    if len(quantizers) > 1:
+        raise TypeError(f"{type(network).__name__} holds {len(quantizers)} quantisers {list(quantizers)}.")
+    return next(iter(quantizers.values()))
 
 
 def flatten_encodings(encodings: torch.Tensor) -> torch.Tensor:
@@ -27,7 +50,9 @@ def flatten_encodings(encodings: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kmeans(vectors: torch.Tensor, k: int, iterations: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+def kmeans(
+    vectors: torch.Tensor, k: int, iterations: int = 10, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Lloyd k-means with k-means++ seeding (which spreads the initial centres over all clusters).
 
     Args:

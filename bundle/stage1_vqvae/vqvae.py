@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.networks.nets import VQVAE as MonaiVQVAE
+from monai.networks import nets
 
 
-class VQVAE(MonaiVQVAE):
+class VQVAE(nets.VQVAE):
     """``monai.networks.nets.VQVAE`` with an fp32 quantiser and a choice of outputs.
 
     - MONAI only disables CUDA autocast around the nearest-code search; under CPU bf16 autocast the distance

@@ -23,9 +23,15 @@ from conftest import ROOT, TINY_NETWORK
 
 TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "3", "--prior_head_channels", "32"]
 REQUIRED_METADATA = [
-    "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version",
+    "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
     "task", "description", "authors", "copyright", "network_data_format",
 ]
+ZOO_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+CONFIGS = {
+    "train": ["inference.json", "train_vqvae.json", "train_prior.json"],
+    "infer": ["inference.json"],
+    "eval": ["inference.json", "evaluate.json"],
+}
 REQUIRED_TENSOR = [
     "type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
     "channel_def",
@@ -72,7 +78,8 @@ def test_metadata_has_the_keys_the_schema_requires() -> None:
         assert isinstance(meta[key], str) and meta[key].strip(), key
     for key in ("monai_version", "pytorch_version", "numpy_version"):
         assert re.fullmatch(r"\d+\.\d+(\.\d+)?", meta[key]), f"{key}: {meta[key]!r}"
-    assert isinstance(meta["optional_packages_version"], dict)
+    assert isinstance(meta["required_packages_version"], dict) and "optional_packages_version" not in meta
+    assert meta["schema"] == ZOO_SCHEMA
     fmt = meta["network_data_format"]
     assert fmt.get("inputs") and fmt.get("outputs")
     for kind in ("inputs", "outputs"):
@@ -105,19 +112,47 @@ def test_version_is_the_latest_changelog_entry_and_root_metadata_links_to_it() -
 
 
 def test_bundle_files_the_model_zoo_expects() -> None:
-    for path in ("LICENSE", "docs/README.md", "docs/data_license.txt", "configs/inference.json",
-                 "configs/train.json", "configs/multi_gpu_train.json", "configs/logging.conf", "large_files.yml"):
+    for path in ("LICENSE", "docs/README.md", "docs/data_license.txt", "configs/logging.conf", "large_files.yml"):
         assert (ROOT / path).is_file(), path
-    large = (ROOT / "large_files.yml").read_text()
-    for path in ("models/model.pt", "models/prior/prior.pt"):
-        assert re.search(rf'^\s*-\s*path:\s*"?{re.escape(path)}"?\s*$', large, re.M), path
-    assert re.search(r"^large_files:\s*$", large, re.M)
-    try:
-        import yaml
-    except ImportError:
-        return
-    entries = yaml.safe_load(large)["large_files"]
-    assert all({"path", "url", "hash_val", "hash_type"} <= set(entry) for entry in entries)
+    for name in {name for files in CONFIGS.values() for name in files} | {"multi_gpu_train.json", "sample.json"}:
+        assert (ROOT / "configs" / name).is_file(), name
+
+
+def test_large_files_lists_only_downloadable_entries() -> None:
+    """``verify_bundle`` downloads every entry: until weights are published the list is empty, never a blank url."""
+    from monai.bundle import ConfigParser
+
+    entries = ConfigParser.load_config_file(str(ROOT / "large_files.yml"))["large_files"]
+    for entry in entries:
+        assert {"path", "url", "hash_val", "hash_type"} <= set(entry), entry
+        assert entry["url"].startswith("https://") and entry["hash_val"] and entry["hash_type"] == "md5", entry
+
+
+def test_metadata_reads_back_as_written() -> None:
+    """MONAI's ``read_meta`` renames ``optional_packages_version``; every key must survive the round trip."""
+    parser = ConfigParser()
+    parser.read_meta(str(ROOT / "configs" / "metadata.json"))
+    assert parser.get("_meta_") == _metadata()
+
+
+# ----------------------------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("workflow_type", list(CONFIGS))
+def test_zoo_properties_hold_from_another_directory(workflow_type: str, phantom_dir, tmp_path) -> None:
+    """``ConfigWorkflow(...).check_properties()`` as the zoo runs it: from another working directory, bundle_root set."""
+    code = (
+        "import sys\nfrom monai.bundle import ConfigWorkflow\n"
+        f"root = {str(ROOT)!r}\n"
+        f"workflow = ConfigWorkflow(workflow_type={workflow_type!r}, "
+        f"config_file=[root + '/configs/' + name for name in {CONFIGS[workflow_type]!r}], "
+        "meta_file=root + '/configs/metadata.json', logging_file=root + '/configs/logging.conf', "
+        f"bundle_root=root, dataset_dir={str(phantom_dir)!r}, output_dir={str(tmp_path / 'out')!r})\n"
+        "workflow.initialize()\nmissing = workflow.check_properties()\n"
+        "print('MISSING', missing)\nsys.exit(1 if missing else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "MISSING []" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def test_verify_net_in_out() -> None:

@@ -7,6 +7,7 @@ affine), never for its content.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from typing import Any, Callable, Sequence
@@ -18,17 +19,44 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.bundle_config import ensure_importable, inference_config
+from lib.errors import RequestError
 from lib.nifti import write_like_input
 
 logger = logging.getLogger(__name__)
 
 
-def _optional_int(value: Any) -> int | None:
-    """``None``, ``""``, ``"none"`` and negative numbers mean "not given"."""
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    """A whole-number request param; ``None``, ``""``, ``"none"`` and negative numbers mean "not given".
+
+    Raises:
+        RequestError: 422 when ``value`` is not a number (UI params may arrive as strings such as ``"7"``) or is
+            above :data:`MAX_SEED`.
+    """
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
-    value = int(float(value))  # UI params may arrive as strings such as "7" or "7.0"
-    return None if value < 0 else value
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError) as error:
+        raise RequestError(422, f"{name} must be a whole number, got {value!r}") from error
+    if number > MAX_SEED:
+        raise RequestError(422, f"{name} must be at most {MAX_SEED}, got {value!r}")
+    return None if number < 0 else number
+
+
+def _temperature(value: Any) -> float:
+    """The ``temperature`` request param; 422 unless it is a finite number >= 0."""
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError) as error:
+        raise RequestError(422, f"temperature must be a number >= 0, got {value!r}") from error
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise RequestError(
+            422, f"temperature must be a finite number >= 0 (0 picks the most likely code), got {value!r}"
+        )
+    return temperature
 
 
 class GenerateInfer(BasicInferTask):
@@ -80,30 +108,32 @@ class GenerateInfer(BasicInferTask):
         return []
 
     def _load_networks(self, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-        import bundle.stage2_prior.codes
+        from bundle.engine.weights import load_weights
 
         stamp = (os.stat(self.vqvae_path).st_mtime, os.stat(self.prior_path).st_mtime)
         cached = self._sampling_networks.get(device)
         if cached is None or cached[2] != stamp:  # (re)load when the weight files change, like BasicInferTask
             parser = inference_config(self.bundle_dir, self.overrides)
-            vqvae = bundle.engine.weights.load_weights(parser.get_parsed_content("network_def"), self.vqvae_path, device)
-            prior = bundle.engine.weights.load_weights(parser.get_parsed_content("prior_def"), self.prior_path, device)
+            vqvae = load_weights(parser.get_parsed_content("network_def"), self.vqvae_path, device)
+            prior = load_weights(parser.get_parsed_content("prior_def"), self.prior_path, device)
             cached = self._sampling_networks[device] = (vqvae, prior, stamp)
         return cached[0], cached[1]
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cpu") -> dict[str, Any]:
         import bundle.stage2_prior.generation
 
-        temperature = float(data.get("temperature", 1.0))
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 picks the most likely code), got {temperature}")
-        seed = _optional_int(data.get("seed"))
+        temperature = _temperature(data.get("temperature", 1.0))
+        seed = _optional_int(data.get("seed"), "seed")
         seed = secrets.randbelow(2**31) if seed is None else seed
-        label = _optional_int(data.get("label")) if self.num_classes else None
+        label = _optional_int(data.get("label"), "label") if self.num_classes else None
         if self.num_classes and label is None:
             label = 0  # what bundle.stage2_prior.generation.generate picks for a single slice without a label
+        if self.num_classes and label >= self.num_classes:
+            raise RequestError(422, f"label must be below the prior's {self.num_classes} classes, got {label}")
         vqvae, prior = self._load_networks(device)
-        images, _ = bundle.stage2_prior.generation.generate(vqvae, prior, 1, self.latent_shape, temperature, seed, label)
+        images, _ = bundle.stage2_prior.generation.generate(
+            vqvae, prior, 1, self.latent_shape, temperature, seed, label
+        )
         size = tuple(data["image"].shape[1:])  # the request image, channel first and 2D after EnsureSlice2Dd
         image = images[0] if size == self.image_size else ResizeWithPadOrCrop(spatial_size=size)(images[0])
         data["pred"] = convert_to_tensor(image, track_meta=False)

@@ -25,8 +25,15 @@ def make_model(
     the gates are left alone so they do not saturate."""
     torch.manual_seed(seed)
     model = GatedPixelCNN(
-        num_embeddings, channels, num_layers, kernel_size, num_classes, head_channels=16,
-        cond_embeddings=cond_embeddings, cond_channels=6, cond_blocks=1,
+        num_embeddings,
+        channels,
+        num_layers,
+        kernel_size,
+        num_classes,
+        head_channels=16,
+        cond_embeddings=cond_embeddings,
+        cond_channels=6,
+        cond_blocks=1,
     )
     if sharpen:
         with torch.no_grad():
@@ -81,7 +88,8 @@ POSITIONS = [(0, 0), (0, 1), (0, 7), (1, 0), (1, 7), (3, 2), (4, 6), (5, 0), (7,
 
 
 @pytest.mark.parametrize(
-    "num_layers,kernel_size,num_classes,cond_embeddings", [(4, 5, 0, 0), (2, 3, 0, 0), (3, 3, 2, 0), (1, 5, 0, 0), (2, 3, 0, 5), (3, 3, 2, 5)]
+    "num_layers,kernel_size,num_classes,cond_embeddings",
+    [(4, 5, 0, 0), (2, 3, 0, 0), (3, 3, 2, 0), (1, 5, 0, 0), (2, 3, 0, 5), (3, 3, 2, 5)],
 )
 def test_causality_and_no_blind_spot(num_layers: int, kernel_size: int, num_classes: int, cond_embeddings: int) -> None:
     # spatial conditioning is seen whole and must not open any path to the modelled map's future
@@ -208,8 +216,12 @@ def test_every_conditioning_code_reaches_its_own_region(cond_shape: tuple, shape
 @pytest.mark.parametrize("num_classes", [0, 3])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
 @pytest.mark.parametrize("cond_embeddings", [0, 5])
-def test_fast_sampling_equals_naive(dtype: torch.dtype, num_classes: int, temperature: float, cond_embeddings: int) -> None:
-    model = make_model(num_layers=3, kernel_size=5, num_classes=num_classes, dtype=dtype, cond_embeddings=cond_embeddings)
+def test_fast_sampling_equals_naive(
+    dtype: torch.dtype, num_classes: int, temperature: float, cond_embeddings: int
+) -> None:
+    model = make_model(
+        num_layers=3, kernel_size=5, num_classes=num_classes, dtype=dtype, cond_embeddings=cond_embeddings
+    )
     labels = torch.tensor([0, 2, 1]) if num_classes else None
     cond_codes = cond_codes_for(model, 3, 8, 6)
     kwargs = dict(
@@ -280,7 +292,12 @@ def test_conditioning_changes_logits_and_samples() -> None:
 @pytest.mark.parametrize("cond_embeddings", [0, 5])
 def test_forward_shape_and_training_step(cond_embeddings: int) -> None:
     model = make_model(
-        num_embeddings=12, channels=8, num_layers=2, num_classes=2, dtype=torch.float32, sharpen=False,
+        num_embeddings=12,
+        channels=8,
+        num_layers=2,
+        num_classes=2,
+        dtype=torch.float32,
+        sharpen=False,
         cond_embeddings=cond_embeddings,
     )
     codes = torch.randint(0, 12, (3, 8, 4))

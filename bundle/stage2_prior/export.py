@@ -27,7 +27,9 @@ def _long(tensor: torch.Tensor | None) -> torch.Tensor | None:
 class TopPriorLogits(TwoLevelPrior):
     """The top level of a :class:`~bundle.stage2_prior.two_level.TwoLevelPrior`: top codes to top logits."""
 
-    def forward(self, top_codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, top_codes: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Top logits.
 
         Args:

@@ -49,7 +49,9 @@ def resolve_latent_shapes(prior: torch.nn.Module, latent_shapes: Sequence[Sequen
     Raises:
         ValueError: if neither gives them.
     """
-    shapes = latent_shapes if latent_shapes is not None else getattr(getattr(prior, "module", prior), "latent_shapes", None)
+    shapes = (
+        latent_shapes if latent_shapes is not None else getattr(getattr(prior, "module", prior), "latent_shapes", None)
+    )
     if shapes is None:
         raise ValueError("the latent shapes are unknown: pass latent_shapes or build the prior with latent_shapes.")
     top, bottom = (tuple(int(size) for size in shape) for shape in shapes)
@@ -97,7 +99,14 @@ def generate(
         count = min(batch_size, num_samples - start)
         batch_labels = None if labels is None else labels[start : start + count]
         top, bottom = sample_codes(
-            prior, top_shape, bottom_shape, count, temperature, labels=batch_labels, sampler=sampler, generators=generators
+            prior,
+            top_shape,
+            bottom_shape,
+            count,
+            temperature,
+            labels=batch_labels,
+            sampler=sampler,
+            generators=generators,
         )
         tops.append(top.cpu())
         bottoms.append(bottom.cpu())
@@ -105,7 +114,9 @@ def generate(
     return torch.cat(images), torch.cat(tops), torch.cat(bottoms)
 
 
-def save_samples(images: torch.Tensor, output_dir: str | os.PathLike, prefix: str = "sample", columns: int = 4) -> list[str]:
+def save_samples(
+    images: torch.Tensor, output_dir: str | os.PathLike, prefix: str = "sample", columns: int = 4
+) -> list[str]:
     """Writes each slice as a float32 NIfTI (1 mm identity geometry, byte-reproducible) and a PNG grid.
 
     Args:
@@ -198,7 +209,9 @@ def _fidelity_report(
     seed: int,
 ) -> dict[str, float]:
     """FID and KID of samples against test slices, beside the train-vs-test floor."""
-    f_gen, f_test, f_train = (metrics.encoder_features(features, x.to(device)) for x in (samples, test_images, train_images))
+    f_gen, f_test, f_train = (
+        metrics.encoder_features(features, x.to(device)) for x in (samples, test_images, train_images)
+    )
     kid_gen, kid_gen_std = metrics.kid(f_gen, f_test, seed=seed)
     kid_real, _ = metrics.kid(f_train, f_test, seed=seed)
     return {

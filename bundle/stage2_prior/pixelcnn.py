@@ -277,7 +277,9 @@ class ConditionStack(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding = nn.Embedding(num_embeddings, channels)
         self.blocks = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), *(ResidualBlock(channels) for _ in range(num_blocks)), nn.ReLU()
+            nn.Conv2d(channels, channels, 3, padding=1),
+            *(ResidualBlock(channels) for _ in range(num_blocks)),
+            nn.ReLU(),
         )
         self.refine = nn.Conv2d(channels, channels, 3, padding=1)
 

@@ -223,7 +223,9 @@ def _cached_weights(model: GatedPixelCNN, labels: torch.Tensor | None, n: int) -
     return _CachedWeights(
         v_weight=[layer.v_conv.conv.weight for layer in layers],
         v_bias=v_bias,
-        h_weight=[layer.h_conv.conv.weight[:, :, 0, :].permute(2, 1, 0).reshape((p + 1) * c, 2 * c) for layer in layers],
+        h_weight=[
+            layer.h_conv.conv.weight[:, :, 0, :].permute(2, 1, 0).reshape((p + 1) * c, 2 * c) for layer in layers
+        ],
         h_bias=h_bias,
         link_weight=[_matrix(layer.v_to_h.weight) for layer in layers],
         out_weight=[_matrix(layer.h_out.weight) for layer in layers[:-1]],
@@ -266,7 +268,7 @@ def _row_links(
         Per layer ``[N, W, 2C]``: link from the row above, horizontal biases and row ``i``'s conditioning.
     """
     n, width = codes.shape[0], codes.shape[2]
-    c, p, two_c = model.channels, model.kernel_size // 2, 2 * model.channels
+    p, two_c = model.kernel_size // 2, 2 * model.channels
     cond_h = _cond_row(cond, w.cond_h, i)
     links = []
     if i == 0:
@@ -412,9 +414,7 @@ def sample_level(
     """
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {sorted(SAMPLERS)}, got {method!r}.")
-    return SAMPLERS[method](
-        model, shape, num_samples, temperature, labels, generator, device, cond_codes=cond_codes
-    )
+    return SAMPLERS[method](model, shape, num_samples, temperature, labels, generator, device, cond_codes=cond_codes)
 
 
 def level_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:

@@ -238,7 +238,10 @@ class NLLBits(Loss):
 
 
 def prepare_code_batch(
-    batch: Mapping[str, torch.Tensor], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+    batch: Mapping[str, torch.Tensor],
+    device: torch.device | str | None = None,
+    non_blocking: bool = False,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor], dict[str, torch.Tensor]]:
     """``prepare_batch`` for MONAI engines over :class:`~bundle.stage2_prior.codes.CodeDataset` batches.
 

@@ -209,6 +209,23 @@ def test_every_conditioning_code_reaches_its_own_region(cond_shape: tuple, shape
             assert (out[0] - base[0]).abs().max() > 1e-6 and torch.equal(out[1], base[1]), (r, c)
 
 
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_conditioning_is_spatially_aligned(ratio: int) -> None:
+    # The first position's logits see only the conditioning features at that position, which come from the top
+    # codes within the conditioning stack's reach of top cell (0, 0): conv3x3 and one residual block (2 cells),
+    # plus the 3x3 refinement after upsampling (1 more cell at most). Far codes must not matter.
+    model = make_model(num_layers=2, kernel_size=3, cond_embeddings=5)
+    size = 8 * ratio
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (1, size, size), generator=gen)
+    cond_codes = torch.randint(0, 5, (1, 8, 8), generator=gen)
+    e = model.cond_stack.embed(cond_codes).detach().requires_grad_(True)
+    logits = model.forward_embedded(model.embed(codes), None, model.cond_stack.forward_embedded(e, (size, size)))
+    logits[0, :, 0, 0].sum().backward()
+    seen = e.grad[0].abs().sum(0) > 0
+    assert seen[0, 0] and not seen[4:].any() and not seen[:, 4:].any(), seen.int()
+
+
 # ---------------------------------------------------------------- fast == naive
 
 

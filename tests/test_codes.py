@@ -1,4 +1,4 @@
-"""Stage-2 data: safe weight loading, the code cache and the prior's batches."""
+"""Stage-2 data: safe weight loading, the two-level code cache and its data set."""
 
 from __future__ import annotations
 
@@ -6,18 +6,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from two_level_stand_in import TinyTwoLevelVQVAE
 
-from bundle.stage2_prior.codes import CodeDataset, encode_dataset, prepare_code_batch
 from bundle.engine.weights import load_weights
 from bundle.stage1_vqvae.vqvae import VQVAE
+from bundle.stage2_prior.codes import CodeDataset, encode_dataset
 
 
 def _vqvae(num_embeddings: int = 16) -> VQVAE:
     torch.manual_seed(0)
     return VQVAE(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), num_res_layers=1, num_res_channels=(8, 8),
-        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)), upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
-        num_embeddings=num_embeddings, embedding_dim=4,
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        num_res_layers=1,
+        num_res_channels=(8, 8),
+        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+        upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+        num_embeddings=num_embeddings,
+        embedding_dim=4,
     )
 
 
@@ -48,34 +56,58 @@ def test_load_weights_is_strict_and_names_the_file(tmp_path: Path) -> None:
         load_weights(_vqvae(16), tmp_path / "missing.pt", "cpu")
 
 
-def test_encode_dataset_caches_by_weights_and_files(tmp_path: Path, caplog) -> None:
-    net, ckpt, cache = _vqvae().eval(), tmp_path / "model.pt", tmp_path / "codes" / "train.pt"
+def test_encode_dataset_caches_both_levels_by_weights_and_files(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net, ckpt, cache = TinyTwoLevelVQVAE().eval(), tmp_path / "model.pt", tmp_path / "codes" / "train.pt"
     torch.save(net.state_dict(), ckpt)
     data = _Images(5, labels=True)
     with pytest.raises(RuntimeError, match="eval mode"):
         encode_dataset(net.train(), data, cache, ckpt, "cpu")
     net.eval()
     first = encode_dataset(net, data, cache, ckpt, "cpu", batch_size=2)
-    assert first["codes"].shape == (5, 8, 4) and first["codes"].dtype == torch.int16
+    assert first["top"].shape == (5, 4, 2) and first["bottom"].shape == (5, 8, 4)
+    assert first["top"].dtype == first["bottom"].dtype == torch.int16
     assert first["labels"].tolist() == [0, 1, 2, 0, 1] and first["files"][0] == "img_0.nii.gz"
     with torch.no_grad():
-        assert torch.equal(first["codes"].long(), net.index_quantize(data.images))
+        top, bottom = net.index_quantize(data.images)
+    assert torch.equal(first["top"].long(), top) and torch.equal(first["bottom"].long(), bottom)
+    assert first["bottom"].unique().numel() > 1  # real codes, not a constant
+    # the file round trip: what is on disk is what was returned
+    on_disk = torch.load(cache, weights_only=True)
+    assert (
+        all(torch.equal(on_disk[k], first[k]) for k in ("top", "bottom", "labels")) and on_disk["key"] == first["key"]
+    )
     mtime = cache.stat().st_mtime_ns
     again = encode_dataset(net, data, cache, ckpt, "cpu")
-    assert cache.stat().st_mtime_ns == mtime and torch.equal(again["codes"], first["codes"])
-    torch.save(_vqvae(16).state_dict() | {"decoder.blocks.0.weight": torch.zeros(1)}, ckpt)  # other weights
+    assert cache.stat().st_mtime_ns == mtime and torch.equal(again["bottom"], first["bottom"])
+    torch.save(TinyTwoLevelVQVAE().state_dict(), ckpt)  # other weights
     encode_dataset(net, data, cache, ckpt, "cpu")
     assert cache.stat().st_mtime_ns != mtime, "new weights must re-encode"
+    mtime = cache.stat().st_mtime_ns
+    encode_dataset(net, _Images(4, labels=True), cache, ckpt, "cpu")
+    assert cache.stat().st_mtime_ns != mtime, "other files must re-encode"
     cache.write_bytes(b"truncated")
-    assert encode_dataset(net, data, cache, ckpt, "cpu")["codes"].shape == (5, 8, 4)
+    assert encode_dataset(net, data, cache, ckpt, "cpu")["top"].shape == (5, 4, 2)
+    # a cache of single-level codes from the same weights and files is re-encoded, not misread
+    torch.save({"codes": first["bottom"], "labels": first["labels"], "files": first["files"], "key": "old"}, cache)
+    assert encode_dataset(net, data, cache, ckpt, "cpu")["bottom"].shape == (5, 8, 4)
 
 
-def test_code_dataset_and_prepare_batch() -> None:
-    encoded = {"codes": torch.randint(0, 16, (4, 8, 4), dtype=torch.int16), "labels": torch.tensor([0, 1, 2, 0])}
+def test_code_dataset() -> None:
+    encoded = {
+        "top": torch.randint(0, 6, (4, 4, 2), dtype=torch.int16),
+        "bottom": torch.randint(0, 10, (4, 8, 4), dtype=torch.int16),
+        "labels": torch.tensor([0, 1, 2, 0]),
+    }
     dataset = CodeDataset(encoded)
-    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
-    inputs, targets, args, kwargs = prepare_code_batch(batch, "cpu")
-    assert inputs.dtype == torch.int64 and inputs.shape == (4, 8, 4) and torch.equal(inputs, targets)
-    assert args == () and kwargs["labels"].tolist() == [0, 1, 2, 0]
-    unlabelled = CodeDataset({"codes": encoded["codes"], "labels": torch.zeros(0, dtype=torch.long)})
-    assert len(prepare_code_batch(torch.utils.data.default_collate([unlabelled[0]]), "cpu")) == 2
+    assert len(dataset) == 4
+    item = dataset[2]
+    assert item["top"].dtype == item["bottom"].dtype == torch.int64
+    assert torch.equal(item["top"], encoded["top"][2].long()) and torch.equal(
+        item["bottom"], encoded["bottom"][2].long()
+    )
+    assert item["label"] == 2
+    unlabelled = CodeDataset(encoded | {"labels": torch.zeros(0, dtype=torch.long)})
+    assert sorted(unlabelled[0]) == ["bottom", "top"]
+    with pytest.raises(ValueError, match="same number"):
+        CodeDataset(encoded | {"bottom": encoded["bottom"][:3]})

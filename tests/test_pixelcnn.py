@@ -1,12 +1,12 @@
-"""Tests for the Gated PixelCNN prior and its naive / fast (cached) samplers."""
+"""Tests for the Gated PixelCNN prior (class and spatial conditioning) and its naive / fast (cached) samplers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bundle.stage2_prior.pixelcnn import GatedPixelCNN
-from bundle.stage2_prior.sampling import sample_codes, sample_fast, sample_naive
+from bundle.stage2_prior.pixelcnn import GatedPixelCNN, layers_to_cover, span_to_cover, upsampling_ratio
+from bundle.stage2_prior.sampling import sample_fast, sample_level, sample_naive
 
 
 def make_model(
@@ -18,12 +18,23 @@ def make_model(
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     sharpen: bool = True,
+    cond_embeddings: int = 0,
 ) -> GatedPixelCNN:
     """Small random model. ``sharpen`` scales the head up so logits depend strongly on context
     (at default init they are almost flat, and a wrong context could go unnoticed in samples);
     the gates are left alone so they do not saturate."""
     torch.manual_seed(seed)
-    model = GatedPixelCNN(num_embeddings, channels, num_layers, kernel_size, num_classes, head_channels=16)
+    model = GatedPixelCNN(
+        num_embeddings,
+        channels,
+        num_layers,
+        kernel_size,
+        num_classes,
+        head_channels=16,
+        cond_embeddings=cond_embeddings,
+        cond_channels=6,
+        cond_blocks=1,
+    )
     if sharpen:
         with torch.no_grad():
             model.head[1].weight.mul_(4.0)
@@ -31,13 +42,22 @@ def make_model(
     return model.to(dtype)
 
 
+def cond_codes_for(model: GatedPixelCNN, batch: int, height: int, width: int, ratio: int = 2) -> torch.Tensor | None:
+    """Random conditioning codes ``[batch, height // ratio, width // ratio]`` for a spatially conditioned model."""
+    if not model.cond_embeddings:
+        return None
+    gen = torch.Generator().manual_seed(99)
+    return torch.randint(0, model.cond_embeddings, (batch, height // ratio, width // ratio), generator=gen)
+
+
 def dependency_map(model: GatedPixelCNN, height: int, width: int, i: int, j: int) -> torch.Tensor:
     """Bool ``[H, W]``: inputs with a non-zero gradient of (a random projection of) the logits at (i, j)."""
     gen = torch.Generator().manual_seed(1234)
     codes = torch.randint(0, model.num_embeddings, (2, height, width), generator=gen)
     labels = torch.tensor([0, 1]) if model.num_classes else None
+    cond = model.condition(cond_codes_for(model, 2, height, width), codes.shape)
     x = model.embed(codes).detach().clone().requires_grad_(True)
-    logits = model.forward_embedded(x, labels)
+    logits = model.forward_embedded(x, labels, cond)
     # a random projection so that no exact cancellation can hide a dependency
     proj = torch.randn(model.num_embeddings, generator=gen, dtype=logits.dtype)
     (logits[0, :, i, j] * proj).sum().backward()
@@ -67,9 +87,15 @@ def raster_before(height: int, width: int, i: int, j: int) -> torch.Tensor:
 POSITIONS = [(0, 0), (0, 1), (0, 7), (1, 0), (1, 7), (3, 2), (4, 6), (5, 0), (7, 0), (7, 3), (7, 7)]
 
 
-@pytest.mark.parametrize("num_layers,kernel_size,num_classes", [(4, 5, 0), (2, 3, 0), (3, 3, 2), (1, 5, 0)])
-def test_causality_and_no_blind_spot(num_layers: int, kernel_size: int, num_classes: int) -> None:
-    model = make_model(num_layers=num_layers, kernel_size=kernel_size, num_classes=num_classes)
+@pytest.mark.parametrize(
+    "num_layers,kernel_size,num_classes,cond_embeddings",
+    [(4, 5, 0, 0), (2, 3, 0, 0), (3, 3, 2, 0), (1, 5, 0, 0), (2, 3, 0, 5), (3, 3, 2, 5)],
+)
+def test_causality_and_no_blind_spot(num_layers: int, kernel_size: int, num_classes: int, cond_embeddings: int) -> None:
+    # spatial conditioning is seen whole and must not open any path to the modelled map's future
+    model = make_model(
+        num_layers=num_layers, kernel_size=kernel_size, num_classes=num_classes, cond_embeddings=cond_embeddings
+    )
     height = width = 8
     for i, j in POSITIONS:
         dep = dependency_map(model, height, width, i, j)
@@ -93,22 +119,111 @@ def test_receptive_field_covers_all_past_and_up_right() -> None:
     assert dep[3, 3:].all() and dep[:4, 7].all()
 
 
-def test_changing_future_codes_does_not_change_logits() -> None:
-    model = make_model(num_layers=3, kernel_size=3)
+@pytest.mark.parametrize("cond_embeddings", [0, 5])
+def test_changing_future_codes_does_not_change_logits(cond_embeddings: int) -> None:
+    model = make_model(num_layers=3, kernel_size=3, cond_embeddings=cond_embeddings)
     gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (1, 6, 5), generator=gen)
-    base = model(codes)
-    for i, j in [(0, 0), (2, 4), (3, 0), (5, 2)]:
-        changed = codes.clone().view(-1)
-        changed[i * 5 + j :] = (changed[i * 5 + j :] + 1) % 16  # every position >= (i, j)
-        out = model(changed.view(1, 6, 5))
-        torch.testing.assert_close(out[..., i, j], base[..., i, j], rtol=0, atol=1e-12)
-        # while the neighbours to the left and above do matter
-        for r, c in [(i, j - 1), (i - 1, j)]:
-            if r >= 0 and c >= 0:
-                prev = codes.clone()
-                prev[0, r, c] = (prev[0, r, c] + 1) % 16
-                assert (model(prev)[..., i, j] - base[..., i, j]).abs().max() > 1e-6, (i, j, r, c)
+    codes = torch.randint(0, 16, (1, 6, 4), generator=gen)
+    cond_codes = cond_codes_for(model, 1, 6, 4)
+    base = model(codes, cond_codes=cond_codes)
+    for i in range(6):
+        for j in range(4):
+            changed = codes.clone().view(-1)
+            changed[i * 4 + j :] = (changed[i * 4 + j :] + 1) % 16  # every position >= (i, j)
+            out = model(changed.view(1, 6, 4), cond_codes=cond_codes)
+            # every position before (i, j) keeps its logits exactly
+            assert torch.equal(out.flatten(2)[..., : i * 4 + j + 1], base.flatten(2)[..., : i * 4 + j + 1]), (i, j)
+            # while the neighbours to the left and above do matter
+            for r, c in [(i, j - 1), (i - 1, j)]:
+                if r >= 0 and c >= 0:
+                    prev = codes.clone()
+                    prev[0, r, c] = (prev[0, r, c] + 1) % 16
+                    assert (model(prev, cond_codes=cond_codes)[..., i, j] - base[..., i, j]).abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------- coverage of the whole map
+
+
+@pytest.mark.parametrize("num_layers,kernel_size", [(1, 3), (2, 3), (3, 3), (1, 5), (2, 5), (3, 5), (2, 7)])
+@pytest.mark.parametrize("shape", [(1, 4), (2, 3), (3, 3), (4, 2), (5, 4), (6, 3), (6, 6), (7, 2)])
+def test_covers_matches_the_dependencies(num_layers: int, kernel_size: int, shape: tuple[int, int]) -> None:
+    model = make_model(num_layers=num_layers, kernel_size=kernel_size)
+    height, width = shape
+    sees_all = all(
+        torch.equal(dependency_map(model, height, width, i, j), raster_before(height, width, i, j))
+        for i in range(height)
+        for j in range(width)
+    )
+    assert model.covers(shape) == sees_all
+    assert (layers_to_cover(shape, kernel_size) <= num_layers) == sees_all
+    assert span_to_cover(shape) >= 0
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (16, 8)])
+def test_default_top_depth_covers_the_top_maps(shape: tuple[int, int]) -> None:
+    # the top map of a two-level VQ-VAE at 1/8 and 1/16 of 256 x 128: 16 layers of kernel 5 see all of it
+    assert GatedPixelCNN(8, channels=4, num_layers=16, kernel_size=5, head_channels=4).covers(shape)
+    assert not GatedPixelCNN(8, channels=4, num_layers=8, kernel_size=5, head_channels=4).covers((32, 16))
+    assert layers_to_cover((32, 16), 5) == 15 and layers_to_cover((16, 8), 5) == 7
+
+
+def test_last_position_depends_on_the_first_on_a_covered_map() -> None:
+    # a 10 x 6 map needs span 8: 4 layers of kernel 5; the last logit moves with the first code
+    model = make_model(num_layers=4, kernel_size=5)
+    assert model.covers((10, 6)) and not make_model(num_layers=3, kernel_size=5).covers((10, 6))
+    codes = torch.randint(0, 16, (1, 10, 6), generator=torch.Generator().manual_seed(4))
+    changed = codes.clone()
+    changed[0, 0, 0] = (changed[0, 0, 0] + 1) % 16
+    assert (model(changed)[..., -1, -1] - model(codes)[..., -1, -1]).abs().max() > 1e-6
+    shallow = make_model(num_layers=3, kernel_size=5)
+    assert torch.equal(shallow(changed)[..., -1, -1], shallow(codes)[..., -1, -1])
+
+
+# ---------------------------------------------------------------- spatial conditioning
+
+
+@pytest.mark.parametrize("cond_shape,shape", [((3, 4), (6, 8)), ((2, 2), (8, 8)), ((2, 3), (4, 9))])
+def test_every_conditioning_code_reaches_its_own_region(cond_shape: tuple, shape: tuple) -> None:
+    model = make_model(num_layers=2, kernel_size=3, cond_embeddings=5)
+    ratio = upsampling_ratio(cond_shape, shape)
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (2, *shape), generator=gen)
+    cond_codes = torch.randint(0, 5, (2, *cond_shape), generator=gen)
+    e = model.cond_stack.embed(cond_codes).detach().requires_grad_(True)
+    logits = model.forward_embedded(model.embed(codes), None, model.cond_stack.forward_embedded(e, shape))
+    proj = torch.randn(16, generator=gen, dtype=logits.dtype)
+    for r in range(cond_shape[0]):
+        for c in range(cond_shape[1]):
+            # the bottom positions under top code (r, c), i.e. its nearest-neighbour block
+            block = logits[0, :, r * ratio[0] : (r + 1) * ratio[0], c * ratio[1] : (c + 1) * ratio[1]]
+            (grad,) = torch.autograd.grad((block * proj[:, None, None]).sum(), e, retain_graph=True)
+            assert grad[0, :, r, c].abs().sum() > 0, (r, c)
+            assert grad[1].abs().sum() == 0  # samples in a batch are independent
+    # and, with integer codes, changing any single conditioning code changes the logits
+    base = model(codes, cond_codes=cond_codes)
+    for r in range(cond_shape[0]):
+        for c in range(cond_shape[1]):
+            changed = cond_codes.clone()
+            changed[0, r, c] = (changed[0, r, c] + 1) % 5
+            out = model(codes, cond_codes=changed)
+            assert (out[0] - base[0]).abs().max() > 1e-6 and torch.equal(out[1], base[1]), (r, c)
+
+
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_conditioning_is_spatially_aligned(ratio: int) -> None:
+    # The first position's logits see only the conditioning features at that position, which come from the top
+    # codes within the conditioning stack's reach of top cell (0, 0): conv3x3 and one residual block (2 cells),
+    # plus the 3x3 refinement after upsampling (1 more cell at most). Far codes must not matter.
+    model = make_model(num_layers=2, kernel_size=3, cond_embeddings=5)
+    size = 8 * ratio
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (1, size, size), generator=gen)
+    cond_codes = torch.randint(0, 5, (1, 8, 8), generator=gen)
+    e = model.cond_stack.embed(cond_codes).detach().requires_grad_(True)
+    logits = model.forward_embedded(model.embed(codes), None, model.cond_stack.forward_embedded(e, (size, size)))
+    logits[0, :, 0, 0].sum().backward()
+    seen = e.grad[0].abs().sum(0) > 0
+    assert seen[0, 0] and not seen[4:].any() and not seen[:, 4:].any(), seen.int()
 
 
 # ---------------------------------------------------------------- fast == naive
@@ -116,31 +231,55 @@ def test_changing_future_codes_does_not_change_logits() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("num_classes", [0, 3])
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_fast_sampling_equals_naive(dtype: torch.dtype, num_classes: int, temperature: float) -> None:
-    model = make_model(num_layers=3, kernel_size=5, num_classes=num_classes, dtype=dtype)
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
+@pytest.mark.parametrize("cond_embeddings", [0, 5])
+def test_fast_sampling_equals_naive(
+    dtype: torch.dtype, num_classes: int, temperature: float, cond_embeddings: int
+) -> None:
+    model = make_model(
+        num_layers=3, kernel_size=5, num_classes=num_classes, dtype=dtype, cond_embeddings=cond_embeddings
+    )
     labels = torch.tensor([0, 2, 1]) if num_classes else None
-    kwargs = dict(shape=(8, 6), num_samples=3, temperature=temperature, labels=labels, return_logits=True)
+    cond_codes = cond_codes_for(model, 3, 8, 6)
+    kwargs = dict(
+        shape=(8, 6), num_samples=3, temperature=temperature, labels=labels, return_logits=True, cond_codes=cond_codes
+    )
     naive, naive_logits = sample_naive(model, generator=torch.Generator().manual_seed(7), **kwargs)
     fast, fast_logits = sample_fast(model, generator=torch.Generator().manual_seed(7), **kwargs)
     assert torch.equal(naive, fast)
-    assert naive.unique().numel() >= 3  # the maps are not degenerate
+    if temperature > 0:
+        assert naive.unique().numel() >= 3  # the maps are not degenerate
     # the cached logits are those of a full forward pass on the final maps
     tol = 1e-10 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(fast_logits, model(fast, labels), rtol=0, atol=tol)
+    torch.testing.assert_close(fast_logits, model(fast, labels, cond_codes), rtol=0, atol=tol)
     torch.testing.assert_close(naive_logits, fast_logits, rtol=0, atol=tol)
+
+
+def test_conditioning_codes_change_the_samples() -> None:
+    model = make_model(num_layers=3, kernel_size=3, cond_embeddings=5)
+    cond_codes = cond_codes_for(model, 2, 6, 4)
+    other = cond_codes.clone()
+    other[1] = (other[1] + 1) % 5
+
+    def draw(cond: torch.Tensor) -> torch.Tensor:
+        return sample_fast(model, (6, 4), 2, generator=torch.Generator().manual_seed(2), cond_codes=cond)
+
+    a, b = draw(cond_codes), draw(other)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize(
     "shape,num_layers,kernel_size,temperature",
     [((5, 2), 2, 7, 1.0), ((1, 9), 3, 3, 1.0), ((7, 1), 2, 5, 0.8), ((4, 5), 4, 3, 0.0)],
 )
-def test_fast_sampling_equals_naive_edge_shapes(shape, num_layers, kernel_size, temperature) -> None:
-    # kernels wider than the map, single row / column, argmax (temperature 0)
-    model = make_model(num_layers=num_layers, kernel_size=kernel_size, num_classes=2)
+@pytest.mark.parametrize("cond_embeddings", [0, 4])
+def test_fast_sampling_equals_naive_edge_shapes(shape, num_layers, kernel_size, temperature, cond_embeddings) -> None:
+    # kernels wider than the map, single row / column, argmax (temperature 0), conditioning map = map (ratio 1)
+    model = make_model(num_layers=num_layers, kernel_size=kernel_size, num_classes=2, cond_embeddings=cond_embeddings)
     labels = torch.tensor([1, 0])
-    naive = sample_naive(model, shape, 2, temperature, labels, torch.Generator().manual_seed(3))
-    fast = sample_fast(model, shape, 2, temperature, labels, torch.Generator().manual_seed(3))
+    cond_codes = cond_codes_for(model, 2, *shape, ratio=1)
+    naive = sample_naive(model, shape, 2, temperature, labels, torch.Generator().manual_seed(3), cond_codes=cond_codes)
+    fast = sample_fast(model, shape, 2, temperature, labels, torch.Generator().manual_seed(3), cond_codes=cond_codes)
     assert torch.equal(naive, fast)
 
 
@@ -167,12 +306,21 @@ def test_conditioning_changes_logits_and_samples() -> None:
 # ---------------------------------------------------------------- shapes, determinism, errors
 
 
-def test_forward_shape_and_training_step() -> None:
-    model = make_model(num_embeddings=12, channels=8, num_layers=2, num_classes=2, dtype=torch.float32, sharpen=False)
-    codes = torch.randint(0, 12, (3, 7, 4))
+@pytest.mark.parametrize("cond_embeddings", [0, 5])
+def test_forward_shape_and_training_step(cond_embeddings: int) -> None:
+    model = make_model(
+        num_embeddings=12,
+        channels=8,
+        num_layers=2,
+        num_classes=2,
+        dtype=torch.float32,
+        sharpen=False,
+        cond_embeddings=cond_embeddings,
+    )
+    codes = torch.randint(0, 12, (3, 8, 4))
     labels = torch.tensor([0, 1, 1])
-    logits = model(codes, labels)
-    assert logits.shape == (3, 12, 7, 4) and logits.dtype == torch.float32
+    logits = model(codes, labels, cond_codes_for(model, 3, 8, 4))
+    assert logits.shape == (3, 12, 8, 4) and logits.dtype == torch.float32
     loss = torch.nn.functional.cross_entropy(logits, codes)
     loss.backward()
     for name, param in model.named_parameters():  # every module takes part
@@ -183,9 +331,9 @@ def test_samples_shape_range_determinism_and_mode() -> None:
     model = make_model(num_embeddings=10, dtype=torch.float32)
     model.train()
     for method in ("fast", "naive"):
-        s1 = sample_codes(model, (4, 3), 2, generator=torch.Generator().manual_seed(0), method=method)
-        s2 = sample_codes(model, (4, 3), 2, generator=torch.Generator().manual_seed(0), method=method)
-        s3 = sample_codes(model, (4, 3), 2, generator=torch.Generator().manual_seed(1), method=method)
+        s1 = sample_level(model, (4, 3), 2, generator=torch.Generator().manual_seed(0), method=method)
+        s2 = sample_level(model, (4, 3), 2, generator=torch.Generator().manual_seed(0), method=method)
+        s3 = sample_level(model, (4, 3), 2, generator=torch.Generator().manual_seed(1), method=method)
         assert s1.shape == (2, 4, 3) and s1.dtype == torch.int64
         assert s1.min() >= 0 and s1.max() < 10
         assert torch.equal(s1, s2) and not torch.equal(s1, s3)
@@ -231,18 +379,48 @@ def test_errors() -> None:
         with pytest.raises(ValueError, match="temperature"):
             sampler(uncond, (2, 2), 2, temperature=-1.0)
     with pytest.raises(ValueError, match="method"):
-        sample_codes(uncond, (2, 2), 1, method="beam")
+        sample_level(uncond, (2, 2), 1, method="beam")
     with pytest.raises(ValueError, match="kernel_size"):
         GatedPixelCNN(16, kernel_size=4)
 
 
+def test_conditioning_errors() -> None:
+    spatial = make_model(cond_embeddings=5)
+    codes = torch.zeros(2, 4, 4, dtype=torch.long)
+    cond = torch.zeros(2, 2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="no spatial conditioning"):
+        make_model()(codes, cond_codes=cond)
+    with pytest.raises(ValueError, match="cond_codes are required"):
+        spatial(codes)
+    with pytest.raises(ValueError, match=r"cond_codes must be in \[0, 5\)"):
+        spatial(codes, cond_codes=torch.full((2, 2, 2), 5))
+    with pytest.raises(ValueError, match="divide"):
+        spatial(codes, cond_codes=torch.zeros(2, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="divide"):
+        spatial(codes, cond_codes=torch.zeros(2, 8, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \[2, h, w\]"):
+        spatial(codes, cond_codes=torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="cond features"):
+        spatial.forward_embedded(spatial.embed(codes))
+    for sampler in (sample_fast, sample_naive):
+        with pytest.raises(ValueError, match="cond_codes are required"):
+            sampler(spatial, (4, 4), 2)
+        with pytest.raises(ValueError, match="divide"):
+            sampler(spatial, (4, 4), 2, cond_codes=torch.zeros(2, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="cond_channels"):
+        GatedPixelCNN(16, cond_embeddings=4, cond_channels=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu() -> None:
-    model = make_model(num_classes=2, dtype=torch.float64)
+@pytest.mark.parametrize("cond_embeddings", [0, 5])
+def test_cuda_matches_cpu(cond_embeddings: int) -> None:
+    model = make_model(num_classes=2, dtype=torch.float64, cond_embeddings=cond_embeddings)
     labels = torch.tensor([1, 0])
-    cpu = sample_fast(model, (6, 5), 2, labels=labels, generator=torch.Generator().manual_seed(0))
-    gpu = sample_fast(model, (6, 5), 2, labels=labels, generator=torch.Generator().manual_seed(0), device="cuda")
+    cond = cond_codes_for(model, 2, 6, 4)
+    kwargs = dict(labels=labels, cond_codes=cond)
+    cpu = sample_fast(model, (6, 4), 2, generator=torch.Generator().manual_seed(0), **kwargs)
+    gpu = sample_fast(model, (6, 4), 2, generator=torch.Generator().manual_seed(0), device="cuda", **kwargs)
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
     model.cuda()
-    naive = sample_naive(model, (6, 5), 2, labels=labels, generator=torch.Generator().manual_seed(0))
+    naive = sample_naive(model, (6, 4), 2, generator=torch.Generator().manual_seed(0), **kwargs)
     assert torch.equal(naive.cpu(), cpu)

@@ -1,4 +1,5 @@
-"""Stage-2 data: a data set encoded once into VQ-VAE code maps, cached on disk, served to the prior's trainer."""
+"""Stage-2 data: a data set encoded once into two-level VQ-VAE code maps, cached on disk, served to the prior's
+trainer (batches go through :func:`bundle.stage2_prior.two_level.prepare_code_batch`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from bundle.engine.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
-
+# part of the cache key: a cache written in another layout is re-encoded, not misread
+CACHE_FORMAT = "two-level codes v1"
 
 
 def _file_digest(path: str | os.PathLike) -> str:
@@ -36,14 +38,16 @@ def encode_dataset(
     device: torch.device | str,
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Encodes every image of ``dataset`` to codes once, or reuses the cache made from the same weights and files.
+    """Encodes every image of ``dataset`` to top and bottom codes once, or reuses the cache made from the same
+    weights and files.
 
     The cache is keyed by the VQ-VAE weights' digest and the list of files, so retraining the VQ-VAE or changing
     the data re-encodes; anything else reuses it. In a distributed run rank 0 encodes and the others load its
     file, so every rank trains the prior on the same codes.
 
     Args:
-        vqvae: the frozen VQ-VAE, in eval mode (in train mode ``index_quantize`` would update the codebook).
+        vqvae: the frozen two-level VQ-VAE, in eval mode (in train mode ``index_quantize`` would update the
+            codebooks); ``index_quantize(images)`` returns ``(top [B, h_t, w_t], bottom [B, h_b, w_b])``.
         dataset: items ``{"image": [1, H, W] tensor, optional "label": int}`` without random augmentation.
         cache_path: the ``.pt`` file for the codes.
         ckpt_path: the VQ-VAE weights file the codes come from (for the cache key).
@@ -51,21 +55,23 @@ def encode_dataset(
         batch_size: encoding batch size.
 
     Returns:
-        ``{"codes": int16 [N, h, w], "labels": int64 [N] (or empty), "files": [...], "key": str}``.
+        ``{"top": int16 [N, h_t, w_t], "bottom": int16 [N, h_b, w_b], "labels": int64 [N] (or empty),
+        "files": [...], "key": str}``.
     """
     if vqvae.training:
         raise RuntimeError("encode_dataset needs the VQ-VAE in eval mode: in train mode encoding moves the codebook.")
     files = [str(item["image"]) for item in getattr(dataset, "data", [])]
-    key = hashlib.sha1((_file_digest(ckpt_path) + "\n" + "\n".join(files)).encode()).hexdigest()
+    key = hashlib.sha1("\n".join([CACHE_FORMAT, _file_digest(ckpt_path), *files]).encode()).hexdigest()
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         cached = _load_cache(cache_path)
-        if cached is None or cached["key"] != key:
+        if not isinstance(cached, dict) or cached.get("key") != key:
             cached = _encode(vqvae, dataset, device, batch_size, files, key)
             atomic_torch_save(cached, cache_path)
-            logger.info(f"Encoded {len(cached['codes'])} images to codes {tuple(cached['codes'].shape[1:])} in {cache_path}")
+            shapes = tuple(cached["top"].shape[1:]), tuple(cached["bottom"].shape[1:])
+            logger.info(f"Encoded {len(cached['top'])} images to codes {shapes[0]} and {shapes[1]} in {cache_path}")
         else:
-            logger.info(f"Reusing {len(cached['codes'])} cached code maps from {cache_path}")
+            logger.info(f"Reusing {len(cached['top'])} cached code map pairs from {cache_path}")
     if distributed:
         dist.barrier()
         cached = _load_cache(cache_path)
@@ -82,14 +88,26 @@ def _load_cache(cache_path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def _encode(vqvae: torch.nn.Module, dataset: Dataset, device, batch_size: int, files: list[str], key: str) -> dict:
-    codes, labels = [], []
+def _compact(codes: torch.Tensor) -> torch.Tensor:
+    """Codes as int16 on the CPU (a quarter of int64 on disk and in memory)."""
+    if codes.numel() and int(codes.max()) > torch.iinfo(torch.int16).max:
+        raise ValueError(f"codes up to {int(codes.max())} do not fit the int16 cache.")
+    return codes.to(torch.int16).cpu()
+
+
+def _encode(
+    vqvae: torch.nn.Module, dataset: Dataset, device: torch.device | str, batch_size: int, files: list[str], key: str
+) -> dict[str, Any]:
+    tops, bottoms, labels = [], [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        codes.append(vqvae.index_quantize(batch["image"].to(device)).to(torch.int16).cpu())
+        top, bottom = vqvae.index_quantize(batch["image"].to(device))
+        tops.append(_compact(top))
+        bottoms.append(_compact(bottom))
         if "label" in batch:
             labels.append(torch.as_tensor(batch["label"]).long().cpu())
     return {
-        "codes": torch.cat(codes),
+        "top": torch.cat(tops),
+        "bottom": torch.cat(bottoms),
         "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
         "files": files,
         "key": key,
@@ -97,34 +115,23 @@ def _encode(vqvae: torch.nn.Module, dataset: Dataset, device, batch_size: int, f
 
 
 class CodeDataset(Dataset):
-    """Code maps from :func:`encode_dataset` as items ``{"codes": int64 [h, w], optional "label": int64}``.
+    """Code map pairs from :func:`encode_dataset` as items
+    ``{"top": int64 [h_t, w_t], "bottom": int64 [h_b, w_b], optional "label": int64}``.
 
     Args:
         encoded: the dict returned by :func:`encode_dataset`.
     """
 
     def __init__(self, encoded: dict[str, Any]) -> None:
-        self.codes, self.labels = encoded["codes"], encoded["labels"]
+        self.top, self.bottom, self.labels = encoded["top"], encoded["bottom"], encoded["labels"]
+        if len(self.top) != len(self.bottom) or (len(self.labels) and len(self.labels) != len(self.top)):
+            raise ValueError("top, bottom and (non-empty) labels must hold the same number of items.")
 
     def __len__(self) -> int:
-        return len(self.codes)
+        return len(self.top)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"codes": self.codes[index].long()}
+        item = {"top": self.top[index].long(), "bottom": self.bottom[index].long()}
         if len(self.labels):
             item["label"] = self.labels[index]
         return item
-
-
-def prepare_code_batch(
-    batch: dict[str, torch.Tensor], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
-) -> tuple:
-    """``prepare_batch`` for MONAI engines: the codes are both input and target; labels go to the network.
-
-    Returns ``(codes, codes)`` or, with labels, ``(codes, codes, (), {"labels": labels})`` so that the engine
-    calls ``inferer(codes, network, labels=labels)``.
-    """
-    codes = batch["codes"].to(device=device, non_blocking=non_blocking)
-    if "label" not in batch:
-        return codes, codes
-    return codes, codes, (), {"labels": batch["label"].to(device=device, non_blocking=non_blocking)}

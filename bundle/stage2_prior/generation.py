@@ -1,20 +1,25 @@
-"""New slices from the prior: sample codes, decode them, save them, and measure how good they are."""
+"""New slices from the two-level prior: sample codes, decode them, save them, and measure how good they are."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from bundle.evaluation import metrics
-from bundle.stage2_prior.sampling import sample_codes
 from bundle.engine.io import atomic_write_bytes, atomic_write_json, nifti_gz_bytes, save_grid, save_image_grid, to_uint8
+from bundle.evaluation import metrics
+from bundle.stage2_prior.sampling import level_generators, sample_codes
+from bundle.stage2_prior.two_level import LEVELS
+
+LatentShapes = tuple[tuple[int, int], tuple[int, int]]
 
 logger = logging.getLogger(__name__)
 
@@ -31,48 +36,87 @@ def _labels_for(num_samples: int, num_classes: int, label: int | None) -> torch.
     return torch.full((num_samples,), int(label), dtype=torch.long)
 
 
+def resolve_latent_shapes(prior: torch.nn.Module, latent_shapes: Sequence[Sequence[int]] | None = None) -> LatentShapes:
+    """``((h_t, w_t), (h_b, w_b))`` as given, or the prior's own ``latent_shapes``.
+
+    Args:
+        prior: a :class:`~bundle.stage2_prior.two_level.TwoLevelPrior` (DDP-wrapped or not).
+        latent_shapes: the shapes, or None to use the prior's.
+
+    Returns:
+        The two shapes as int tuples.
+
+    Raises:
+        ValueError: if neither gives them.
+    """
+    shapes = (
+        latent_shapes if latent_shapes is not None else getattr(getattr(prior, "module", prior), "latent_shapes", None)
+    )
+    if shapes is None:
+        raise ValueError("the latent shapes are unknown: pass latent_shapes or build the prior with latent_shapes.")
+    top, bottom = (tuple(int(size) for size in shape) for shape in shapes)
+    return (top[0], top[1]), (bottom[0], bottom[1])
+
+
 @torch.no_grad()
 def generate(
     vqvae: torch.nn.Module,
     prior: torch.nn.Module,
     num_samples: int,
-    latent_shape: tuple[int, int],
     temperature: float = 1.0,
     seed: int = 0,
     label: int | None = None,
     batch_size: int = 16,
-    method: str = "fast",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples code maps from the prior and decodes them with the VQ-VAE.
+    sampler: str = "fast",
+    latent_shapes: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples top and bottom code maps from the prior and decodes them with the VQ-VAE.
+
+    Sample ``n`` of a seed does not depend on ``batch_size``: each level draws from its own seeded stream.
 
     Args:
-        vqvae: the frozen VQ-VAE (eval mode).
-        prior: the Gated PixelCNN.
+        vqvae: the frozen two-level VQ-VAE (eval mode), with ``decode_samples(top, bottom)``.
+        prior: the :class:`~bundle.stage2_prior.two_level.TwoLevelPrior` (DDP-wrapped or not).
         num_samples: number of slices.
-        latent_shape: ``(h, w)`` of the code map, e.g. ``(64, 32)``.
         temperature: softmax temperature of the prior.
         seed: the same seed gives the same slices.
-        label: class for a conditioned prior; None cycles through all classes.
+        label: class for a class-conditioned prior; None cycles through all classes.
         batch_size: slices sampled together.
-        method: ``"fast"`` (cached) or ``"naive"`` sampler.
+        sampler: ``"fast"`` (cached) or ``"naive"``.
+        latent_shapes: ``((h_t, w_t), (h_b, w_b))``; None takes the prior's ``latent_shapes``.
 
     Returns:
-        ``(images [N, 1, H, W] clipped to [0, 1], codes [N, h, w])``, both on the CPU.
+        ``(images [N, 1, H, W] clipped to [0, 1], top codes [N, h_t, w_t], bottom codes [N, h_b, w_b])``, all on
+        the CPU.
     """
-    generator = torch.Generator().manual_seed(seed)
+    prior = getattr(prior, "module", prior)
+    top_shape, bottom_shape = resolve_latent_shapes(prior, latent_shapes)
+    generators = level_generators(seed)
     labels = _labels_for(num_samples, getattr(prior, "num_classes", 0), label)
     device = next(vqvae.parameters()).device
-    images, codes = [], []
+    images, tops, bottoms = [], [], []
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
         batch_labels = None if labels is None else labels[start : start + count]
-        batch_codes = sample_codes(prior, tuple(latent_shape), count, temperature, batch_labels, generator, method)
-        codes.append(batch_codes.cpu())
-        images.append(vqvae.decode_samples(batch_codes.to(device)).float().clamp(0.0, 1.0).cpu())
-    return torch.cat(images), torch.cat(codes)
+        top, bottom = sample_codes(
+            prior,
+            top_shape,
+            bottom_shape,
+            count,
+            temperature,
+            labels=batch_labels,
+            sampler=sampler,
+            generators=generators,
+        )
+        tops.append(top.cpu())
+        bottoms.append(bottom.cpu())
+        images.append(vqvae.decode_samples(top.to(device), bottom.to(device)).float().clamp(0.0, 1.0).cpu())
+    return torch.cat(images), torch.cat(tops), torch.cat(bottoms)
 
 
-def save_samples(images: torch.Tensor, output_dir: str | os.PathLike, prefix: str = "sample", columns: int = 4) -> list[str]:
+def save_samples(
+    images: torch.Tensor, output_dir: str | os.PathLike, prefix: str = "sample", columns: int = 4
+) -> list[str]:
     """Writes each slice as a float32 NIfTI (1 mm identity geometry, byte-reproducible) and a PNG grid.
 
     Args:
@@ -113,18 +157,113 @@ def _load_images(dataset: Dataset, *index_lists: list[int]) -> list[torch.Tensor
 
 
 @torch.no_grad()
-def nll_bits_per_code(prior: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 16) -> float:
-    """Mean negative log-likelihood of code maps under the prior, in bits per code."""
+def nll_bits_per_code(
+    prior: torch.nn.Module,
+    top_codes: torch.Tensor,
+    bottom_codes: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> tuple[float, float]:
+    """Mean negative log-likelihood of code map pairs under the two-level prior, in bits per code of each level.
+
+    Args:
+        prior: the :class:`~bundle.stage2_prior.two_level.TwoLevelPrior` (its mode is restored afterwards).
+        top_codes: integer ``[N, h_t, w_t]``.
+        bottom_codes: integer ``[N, h_b, w_b]``.
+        labels: int64 ``[N]`` for a class-conditioned prior, else None (or empty).
+        batch_size: maps per forward pass.
+
+    Returns:
+        ``(top, bottom)`` bits per code.
+    """
+    prior = getattr(prior, "module", prior)
+    was_training = prior.training
     prior.eval()
     device = next(prior.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(codes), batch_size):
-        batch = codes[start : start + batch_size].long().to(device)
-        batch_labels = None if labels is None or not len(labels) else labels[start : start + batch_size].to(device)
-        logits = prior(batch, batch_labels).float()
-        total += torch.nn.functional.cross_entropy(logits, batch, reduction="sum").item()
-        count += batch.numel()
-    return total / count / math.log(2)
+    totals = [0.0, 0.0]
+    try:
+        for start in range(0, len(top_codes), batch_size):
+            codes = [c[start : start + batch_size].long().to(device) for c in (top_codes, bottom_codes)]
+            batch_labels = None if labels is None or not len(labels) else labels[start : start + batch_size].to(device)
+            for level, logits in enumerate(prior(*codes, batch_labels)):
+                totals[level] += F.cross_entropy(logits.float(), codes[level], reduction="sum").item()
+    finally:
+        prior.train(was_training)
+    return totals[0] / top_codes.numel() / math.log(2), totals[1] / bottom_codes.numel() / math.log(2)
+
+
+def _likelihood_report(prior: torch.nn.Module, codes: dict[str, Any]) -> dict[str, float]:
+    """NLL of encoded real maps per level (bits per code) and per image (bits)."""
+    labels = codes["labels"] if len(codes["labels"]) and getattr(prior, "num_classes", 0) else None
+    top, bottom = nll_bits_per_code(prior, codes["top"], codes["bottom"], labels)
+    per_image = top * codes["top"][0].numel() + bottom * codes["bottom"][0].numel()
+    return {"nll_bits_top": top, "nll_bits_bottom": bottom, "nll_bits_image": per_image}
+
+
+def _fidelity_report(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    samples: torch.Tensor,
+    test_images: torch.Tensor,
+    train_images: torch.Tensor,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    """FID and KID of samples against test slices, beside the train-vs-test floor."""
+    f_gen, f_test, f_train = (
+        metrics.encoder_features(features, x.to(device)) for x in (samples, test_images, train_images)
+    )
+    kid_gen, kid_gen_std = metrics.kid(f_gen, f_test, seed=seed)
+    kid_real, _ = metrics.kid(f_train, f_test, seed=seed)
+    return {
+        "fid": metrics.fid(f_gen, f_test),
+        "fid_real_baseline": metrics.fid(f_train, f_test),
+        "kid": kid_gen,
+        "kid_std": kid_gen_std,
+        "kid_real_baseline": kid_real,
+    }
+
+
+def _diversity_memorisation_report(
+    samples: torch.Tensor, test_images: torch.Tensor, references: torch.Tensor, seed: int
+) -> dict[str, float]:
+    """Pairwise MS-SSIM among samples and among test slices; nearest-training-slice SSIM of samples and test."""
+    nearest = metrics.nearest_ssim(samples, references)
+    nearest_real = metrics.nearest_ssim(test_images, references)
+    return {
+        "diversity_ms_ssim": metrics.mean_pairwise_ms_ssim(samples, seed=seed),
+        "diversity_ms_ssim_real": metrics.mean_pairwise_ms_ssim(test_images, seed=seed),
+        "memorisation_ssim_mean": float(nearest.mean()),
+        "memorisation_ssim_max": float(nearest.max()),
+        "memorisation_ssim_real_test_mean": float(nearest_real.mean()),
+    }
+
+
+def _code_histogram_report(
+    num_embeddings: Sequence[int], sampled: Sequence[torch.Tensor], codes: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Code-usage distance between sampled and encoded real maps, per level."""
+    return {
+        f"code_histogram_{level}": metrics.code_histogram_distance(sampled[k], codes[level].long(), num_embeddings[k])
+        for k, level in enumerate(LEVELS)
+    }
+
+
+def _realism_report(
+    samples: torch.Tensor, test_images: torch.Tensor, train_images: torch.Tensor, seed: int
+) -> dict[str, Any]:
+    """Realism of samples against real slices: the classifier two-sample test and precision/recall of
+    ``bundle.evaluation.realism`` go here (their calls and keys); empty until then.
+
+    Args:
+        samples: generated slices ``[n, 1, H, W]`` in ``[0, 1]``.
+        test_images: as many real test slices.
+        train_images: as many real training slices (the real-vs-real floor).
+        seed: the report's seed.
+
+    Returns:
+        Report entries.
+    """
+    return {}
 
 
 @torch.no_grad()
@@ -134,12 +273,13 @@ def generation_report(
     train_dataset: Dataset,
     test_dataset: Dataset,
     test_codes: dict[str, Any],
-    latent_shape: tuple[int, int],
     output_dir: str | os.PathLike,
     num_samples: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
     num_memorisation_references: int | None = None,
+    latent_shapes: Sequence[Sequence[int]] | None = None,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Generation metrics, written to ``<output_dir>/generation_metrics.json`` with a samples-vs-real picture.
 
@@ -148,23 +288,27 @@ def generation_report(
     count, and the real-train vs real-test value is reported beside it as the floor to compare against.
 
     Args:
-        vqvae: the frozen VQ-VAE.
-        prior: the trained prior.
+        vqvae: the frozen two-level VQ-VAE.
+        prior: the trained :class:`~bundle.stage2_prior.two_level.TwoLevelPrior`.
         train_dataset: training slices (``{"image": ...}``, no augmentation), the memorisation references.
         test_dataset: test slices.
         test_codes: the test split encoded by :func:`bundle.stage2_prior.codes.encode_dataset`.
-        latent_shape: code map shape.
         output_dir: where the JSON, samples and picture go.
         num_samples: generated slices, and real slices per side of each comparison.
         temperature: prior temperature.
         seed: sampling seed.
         num_memorisation_references: training slices to compare each sample with (None: all).
+        latent_shapes: ``((h_t, w_t), (h_b, w_b))``; None takes the prior's.
+        features: image batch ``[B, 1, H, W]`` -> feature map ``[B, C, ...]`` for FID/KID; None uses
+            ``vqvae.encode``.
 
     Returns:
-        The metrics dict that was written.
+        The metrics dict that was written: ``nll_bits_top``, ``nll_bits_bottom``, ``nll_bits_image``, FID/KID
+        with their real baselines, diversity, memorisation and ``code_histogram_top`` / ``code_histogram_bottom``.
     """
     output_dir = Path(output_dir)
-    samples, sample_codes_ = generate(vqvae, prior, num_samples, latent_shape, temperature, seed)
+    prior = getattr(prior, "module", prior)
+    samples, top, bottom = generate(vqvae, prior, num_samples, temperature, seed, latent_shapes=latent_shapes)
     (test_images,) = _load_images(test_dataset, _subset_indices(len(test_dataset), num_samples, seed))
     # The FID subset and the memorisation references often overlap (all of the training set by default): one read.
     train_images, references = _load_images(
@@ -173,39 +317,22 @@ def generation_report(
         _subset_indices(len(train_dataset), num_memorisation_references, seed + 2),
     )
     n = min(len(samples), len(test_images), len(train_images))
+    samples, test_images, train_images = samples[:n], test_images[:n], train_images[:n]
+    feature_fn = features if features is not None else vqvae.encode
     device = next(vqvae.parameters()).device
-
-    def features(images: torch.Tensor) -> torch.Tensor:
-        return metrics.encoder_features(vqvae.encode, images[:n].to(device))
-
-    f_gen, f_test, f_train = features(samples), features(test_images), features(train_images)
-    kid_gen, kid_gen_std = metrics.kid(f_gen, f_test, seed=seed)
-    kid_real, _ = metrics.kid(f_train, f_test, seed=seed)
-    labels = test_codes["labels"] if len(test_codes["labels"]) else None
-    if labels is not None and not getattr(prior, "num_classes", 0):
-        labels = None
-    nearest = metrics.nearest_ssim(samples, references)
-    nearest_real = metrics.nearest_ssim(test_images[:n], references)
-    report = {
-        "num_samples": n,
-        "temperature": temperature,
-        "seed": seed,
-        "nll_bits_per_code": nll_bits_per_code(prior, test_codes["codes"], labels),
-        "fid": metrics.fid(f_gen, f_test),
-        "fid_real_baseline": metrics.fid(f_train, f_test),
-        "kid": kid_gen,
-        "kid_std": kid_gen_std,
-        "kid_real_baseline": kid_real,
-        "diversity_ms_ssim": metrics.mean_pairwise_ms_ssim(samples[:n], seed=seed),
-        "diversity_ms_ssim_real": metrics.mean_pairwise_ms_ssim(test_images[:n], seed=seed),
-        "memorisation_ssim_mean": float(nearest.mean()),
-        "memorisation_ssim_max": float(nearest.max()),
-        "memorisation_ssim_real_test_mean": float(nearest_real.mean()),
-        "code_histogram": metrics.code_histogram_distance(sample_codes_, test_codes["codes"].long(), prior.num_embeddings),
-        "feature_extractor": "VQ-VAE encoder, per-channel mean and std",
-    }
+    report: dict[str, Any] = {"num_samples": n, "temperature": temperature, "seed": seed}
+    report.update(_likelihood_report(prior, test_codes))
+    report.update(_fidelity_report(feature_fn, samples, test_images, train_images, device, seed))
+    report.update(_diversity_memorisation_report(samples, test_images, references, seed))
+    report.update(_code_histogram_report(prior.num_embeddings, (top, bottom), test_codes))
+    report.update(_realism_report(samples, test_images, train_images, seed))
+    extractor = "VQ-VAE encoder" if features is None else getattr(features, "__qualname__", type(features).__name__)
+    report["feature_extractor"] = f"{extractor}, per-channel mean and std"
     atomic_write_json(output_dir / "generation_metrics.json", report)
-    rows = [[to_uint8(s[0]) for s in samples[i : i + 4]] + [to_uint8(r[0]) for r in test_images[i : i + 4]] for i in range(0, min(8, n), 4)]
+    rows = [
+        [to_uint8(s[0]) for s in samples[i : i + 4]] + [to_uint8(r[0]) for r in test_images[i : i + 4]]
+        for i in range(0, min(8, n), 4)
+    ]
     save_grid(output_dir / "samples_vs_real.png", rows)
     logger.info(f"Generation metrics written to {(output_dir / 'generation_metrics.json').resolve()}: {report}")
     return report

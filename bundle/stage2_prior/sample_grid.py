@@ -1,9 +1,10 @@
-"""A trainer handler that samples slices from the prior as it learns and saves them as a grid."""
+"""A trainer handler that samples slices from the two-level prior as it learns and saves them as a grid."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -12,13 +13,14 @@ from bundle.engine.io import save_image_grid
 
 logger = logging.getLogger(__name__)
 
+
 class SampleGridWriter:
     """Every ``interval`` epochs (and at the end), samples slices from the prior and logs them as a grid.
 
     Args:
-        vqvae: the frozen VQ-VAE that decodes the codes.
-        prior: the prior being trained (DDP-wrapped or not).
-        latent_shape: code map shape.
+        vqvae: the frozen two-level VQ-VAE that decodes the codes.
+        prior: the :class:`~bundle.stage2_prior.two_level.TwoLevelPrior` being trained (DDP-wrapped or not).
+        latent_shapes: ``((h_t, w_t), (h_b, w_b))``; None takes the prior's ``latent_shapes``.
         path: PNG path, overwritten each time (the newest grid).
         log_dir: TensorBoard folder for an image ``prior_samples`` per epoch; None disables.
         num_samples: slices per grid.
@@ -31,7 +33,7 @@ class SampleGridWriter:
         self,
         vqvae: torch.nn.Module,
         prior: torch.nn.Module,
-        latent_shape: tuple[int, int],
+        latent_shapes: Sequence[Sequence[int]] | None,
         path: str,
         log_dir: str | None = None,
         num_samples: int = 8,
@@ -40,7 +42,8 @@ class SampleGridWriter:
         seed: int = 0,
     ) -> None:
         self.vqvae, self.prior = vqvae, getattr(prior, "module", prior)
-        self.latent_shape, self.path, self.log_dir = tuple(latent_shape), path, log_dir
+        self.latent_shapes = None if latent_shapes is None else tuple(tuple(shape) for shape in latent_shapes)
+        self.path, self.log_dir = path, log_dir
         self.num_samples, self.interval, self.temperature, self.seed = num_samples, interval, temperature, seed
 
     def attach(self, engine: Engine) -> None:
@@ -52,7 +55,9 @@ class SampleGridWriter:
     def __call__(self, engine: Engine) -> None:
         from bundle.stage2_prior.generation import generate
 
-        images, _ = generate(self.vqvae, self.prior, self.num_samples, self.latent_shape, self.temperature, self.seed)
+        images, _, _ = generate(
+            self.vqvae, self.prior, self.num_samples, self.temperature, self.seed, latent_shapes=self.latent_shapes
+        )
         save_image_grid(self.path, images)
         if self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,142 @@
+"""Generation with the two-level prior: sampling and decoding, NLL per level, the report and the grid writer,
+with a stand-in two-level VQ-VAE."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+from two_level_stand_in import TinyTwoLevelVQVAE
+
+from bundle.stage2_prior.codes import encode_dataset
+from bundle.stage2_prior.generation import generate, generation_report, nll_bits_per_code, save_samples
+from bundle.stage2_prior.sample_grid import SampleGridWriter
+from bundle.stage2_prior.sampling import sample_codes
+from bundle.stage2_prior.two_level import TwoLevelPrior
+
+SHAPES = ((4, 2), (8, 4))  # 32 x 16 images
+
+
+def make_pair(num_classes: int = 0, latent_shapes: tuple | None = SHAPES) -> tuple[TinyTwoLevelVQVAE, TwoLevelPrior]:
+    torch.manual_seed(0)
+    vqvae = TinyTwoLevelVQVAE().eval()
+    prior = TwoLevelPrior(
+        (6, 10),
+        channels=8,
+        num_layers=(3, 2),
+        kernel_size=3,
+        head_channels=16,
+        cond_channels=6,
+        cond_blocks=1,
+        num_classes=num_classes,
+        latent_shapes=latent_shapes,
+    )
+    with torch.no_grad():
+        for level in (prior.top, prior.bottom):
+            level.head[3].weight.mul_(10.0)
+    return vqvae, prior
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int, size: tuple[int, int], seed: int, labels: bool = False) -> None:
+        self.data = [{"image": f"img_{seed}_{i}.nii.gz"} for i in range(n)]
+        self.images = torch.rand(n, 1, *size, generator=torch.Generator().manual_seed(seed))
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], **({"label": i % 2} if self.labels else {})}
+
+
+def test_generate_decodes_the_sampled_codes_and_is_seeded() -> None:
+    vqvae, prior = make_pair()
+    images, top, bottom = generate(vqvae, prior, 5, seed=3, batch_size=2)
+    assert images.shape == (5, 1, 32, 16) and top.shape == (5, 4, 2) and bottom.shape == (5, 8, 4)
+    with torch.no_grad():
+        assert torch.equal(images, vqvae.decode_samples(top, bottom).clamp(0, 1))
+    # the codes are those of the two-level sampler for the seed, whatever the batch size
+    expected = sample_codes(prior, *SHAPES, 5, seed=3)
+    assert torch.equal(top, expected[0]) and torch.equal(bottom, expected[1])
+    again = generate(vqvae, prior, 5, seed=3, batch_size=5)
+    assert all(torch.equal(a, b) for a, b in zip(again, (images, top, bottom)))
+    assert not torch.equal(generate(vqvae, prior, 5, seed=4)[2], bottom)
+    # shapes passed explicitly win over the prior's
+    _, unshaped = make_pair(latent_shapes=None)
+    with pytest.raises(ValueError, match="latent shapes are unknown"):
+        generate(vqvae, unshaped, 1)
+    assert generate(vqvae, unshaped, 2, latent_shapes=((2, 3), (4, 6)))[0].shape == (2, 1, 16, 24)
+
+
+def test_generate_labels() -> None:
+    vqvae, prior = make_pair(num_classes=2)
+    _, top_a, bottom_a = generate(vqvae, prior, 4, seed=1, label=1)
+    _, top_b, bottom_b = generate(vqvae, prior, 4, seed=1)  # cycles 0, 1, 0, 1
+    assert torch.equal(top_a[1], top_b[1]) and torch.equal(bottom_a[3], bottom_b[3])
+    assert not torch.equal(bottom_a, bottom_b)
+    with pytest.raises(ValueError, match="outside"):
+        generate(vqvae, prior, 1, label=2)
+    with pytest.raises(ValueError, match="not conditioned"):
+        generate(*make_pair(), 1, label=0)
+
+
+def test_nll_bits_per_code_per_level() -> None:
+    _, prior = make_pair(num_classes=2)
+    gen = torch.Generator().manual_seed(0)
+    top, bottom = torch.randint(0, 6, (5, 4, 2), generator=gen), torch.randint(0, 10, (5, 8, 4), generator=gen)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    prior.train()
+    got = nll_bits_per_code(prior, top.to(torch.int16), bottom.to(torch.int16), labels, batch_size=2)
+    assert prior.training  # mode restored
+    with torch.no_grad():
+        top_logits, bottom_logits = prior(top, bottom, labels)
+    assert got[0] == pytest.approx(F.cross_entropy(top_logits, top).item() / math.log(2), rel=1e-6)
+    assert got[1] == pytest.approx(F.cross_entropy(bottom_logits, bottom).item() / math.log(2), rel=1e-6)
+
+
+def test_generation_report(tmp_path: Path) -> None:
+    # 128 x 128 images: MS-SSIM needs sides of at least 112; the tiny top prior does not cover 16 x 16
+    vqvae, prior = make_pair(latent_shapes=None)
+    shapes = ((16, 16), (32, 32))
+    train, test = _Images(6, (128, 128), seed=1), _Images(5, (128, 128), seed=2)
+    torch.save(vqvae.state_dict(), tmp_path / "model.pt")
+    test_codes = encode_dataset(vqvae, test, tmp_path / "test.pt", tmp_path / "model.pt", "cpu")
+    report = generation_report(vqvae, prior, train, test, test_codes, tmp_path, num_samples=4, latent_shapes=shapes)
+    assert report == json.loads((tmp_path / "generation_metrics.json").read_text())
+    assert report["num_samples"] == 4
+    top, bottom = nll_bits_per_code(prior, test_codes["top"], test_codes["bottom"])
+    assert (report["nll_bits_top"], report["nll_bits_bottom"]) == (top, bottom)
+    assert report["nll_bits_image"] == pytest.approx(top * 16 * 16 + bottom * 32 * 32)
+    for key in ("fid", "fid_real_baseline", "kid", "kid_real_baseline"):
+        assert math.isfinite(report[key]), key
+    for key in ("diversity_ms_ssim", "memorisation_ssim_mean", "memorisation_ssim_max"):
+        assert -1.0 <= report[key] <= 1.0, key
+    _, sampled_top, _ = generate(vqvae, prior, 4, seed=0, latent_shapes=shapes)
+    assert report["code_histogram_top"]["used_a"] == sampled_top.unique().numel()
+    assert report["code_histogram_bottom"]["used_b"] == test_codes["bottom"].unique().numel()
+    assert 0.0 <= report["code_histogram_bottom"]["js_divergence"] <= 1.0
+    assert (tmp_path / "samples_vs_real.png").is_file()
+
+
+def test_save_samples_and_grid_writer(tmp_path: Path) -> None:
+    vqvae, prior = make_pair()
+    images, _, _ = generate(vqvae, prior, 3)
+    paths = save_samples(images, tmp_path / "samples")
+    assert [Path(p).name for p in paths] == [
+        "sample_000.nii.gz",
+        "sample_001.nii.gz",
+        "sample_002.nii.gz",
+        "samples.png",
+    ]
+    writer = SampleGridWriter(vqvae, torch.nn.DataParallel(prior), None, str(tmp_path / "grid.png"), num_samples=2)
+    assert writer.prior is prior
+    engine = Engine(lambda e, b: None)
+    writer.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert (tmp_path / "grid.png").is_file()

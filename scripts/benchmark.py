@@ -44,9 +44,13 @@ iteration, a handler runs one plain-loop iteration, one batch of the data pipeli
 training variants in turn, each timed on its own, and the trainer's own iteration is timed from the end of that
 work to its next iteration end. Load bursts thus hit every variant alike; each figure is the MEDIAN over the
 timed epochs, and the trainer/plain ratio is also given as the median of per-iteration paired ratios. The
-matmul peak is the BEST of its samples, taken between trainer iterations throughout the run (a peak). The load average before and after is recorded: compare runs
-only when it was similar. Weights are random (cost does not depend on them), except that the trainer's own
-handlers (k-means codebook init, dead-code restarts) run as in a real training.
+matmul peak is the BEST of its samples, taken between trainer iterations throughout the run (a peak). The load
+average before and after is recorded: compare runs only when it was similar. Weights are random (cost does not
+depend on them), except that the trainer's own handlers (k-means codebook init, dead-code restarts) run as in a
+real training.
+
+Single calls are read on ``torch.utils.benchmark``'s clock (it waits for the accelerator); repeated calls without
+side effects (inference, decoding, the OpenMP probe) are timed with ``torch.utils.benchmark.Timer``.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ sys.path.insert(0, ROOT)
 # PASSIVE unless set or --omp_default: on a shared CPU, spinning OpenMP threads wait a whole time slice for a
 # descheduled partner at every barrier, which buries the differences measured here (section 8 measures it).
 OMP_WAIT_POLICY_SET_BY_BENCHMARK = (
-    "OMP_WAIT_POLICY" not in os.environ and "--omp_default" not in sys.argv and "--omp_probe_child" not in sys.argv)
+    "OMP_WAIT_POLICY" not in os.environ and "--omp_default" not in sys.argv and "--omp_probe_child" not in sys.argv
+)
 if OMP_WAIT_POLICY_SET_BY_BENCHMARK:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -68,6 +73,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -79,11 +85,12 @@ from collections import defaultdict  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from itertools import cycle, islice  # noqa: E402
 
+import benchmark_sampling  # noqa: E402  (scripts/benchmark_sampling.py: machine_info, main)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from torch.nn.functional import conv2d, cross_entropy, l1_loss  # noqa: E402
+from torch.utils.benchmark import Timer  # noqa: E402
+from torch.utils.benchmark.utils.timer import timer as synchronized_clock  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import benchmark_sampling  # noqa: E402  (scripts/benchmark_sampling.py: machine_info, timed, main)
 
 T0 = time.perf_counter()
 VARIANTS = {  # name: (bf16 autocast, channels_last)
@@ -99,9 +106,26 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def once(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds taken by one call of ``fn``, and its result.
+
+    Read on ``torch.utils.benchmark``'s clock, which waits for the accelerator first. For calls that must run
+    exactly once: steps that consume a batch or update weights, first (compiling) calls, and the samples
+    interleaved with the trainer. ``Timer`` itself would add warm-up calls.
+    """
+    start = synchronized_clock()
+    result = fn()
+    return synchronized_clock() - start, result
+
+
+def per_call_s(fn: Callable[[], object], number: int) -> float:
+    """Mean seconds per call of ``fn`` over ``number`` calls, after ``torch.utils.benchmark.Timer``'s warm-up calls.
+
+    For calls without side effects that matter (inference, decoding, a throw-away training step). Timer runs with
+    this process's torch threads (its own default is 1) and waits for the accelerator.
+    """
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(number).mean
 
 
 def median(values: list[float]) -> float:
@@ -129,8 +153,11 @@ def machine(device: torch.device) -> dict:
         cuda_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
         load_average_start=list(os.getloadavg()),
-        env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
-             if k in os.environ},
+        env={
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+            if k in os.environ
+        },
         omp_wait_policy_set_by_benchmark=OMP_WAIT_POLICY_SET_BY_BENCHMARK,
     )
     return info
@@ -178,7 +205,7 @@ def vqvae_step(net, opt, x: torch.Tensor, amp: bool, channels_last: bool, dtype=
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=dtype, enabled=amp):
         reconstruction, quantization_loss = net(x)
-    loss = F.l1_loss(reconstruction.float(), x) + quantization_loss
+    loss = l1_loss(reconstruction.float(), x) + quantization_loss
     loss.backward()
     opt.step()
     return loss
@@ -188,7 +215,7 @@ def prior_step(net, opt, codes: torch.Tensor, amp: bool) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
     with torch.autocast(codes.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = net(codes)
-    loss = F.cross_entropy(logits.float(), codes)
+    loss = cross_entropy(logits.float(), codes)
     loss.backward()
     opt.step()
     return loss
@@ -211,13 +238,15 @@ class MatmulPeak:
     """
 
     def __init__(self, device: torch.device, size: int) -> None:
-        self.device, self.size, self.kernels, self.best = device, size, {}, {}
+        self.size, self.kernels, self.best = size, {}, {}
         for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             a, b = (torch.randn(size, size, device=device, dtype=dt) for _ in range(2))
-            x = torch.randn(1, size, size // 32, 32, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+            x = torch.randn(1, size, size // 32, 32, device=device, dtype=dt).contiguous(
+                memory_format=torch.channels_last
+            )
             w = torch.randn(size, size, 1, 1, device=device, dtype=dt)
             self.kernels[f"{name}_mm"] = lambda a=a, b=b: torch.mm(a, b)
-            self.kernels[f"{name}_conv1x1"] = lambda x=x, w=w: F.conv2d(x, w)
+            self.kernels[f"{name}_conv1x1"] = lambda x=x, w=w: conv2d(x, w)
         for name, fn in self.kernels.items():  # warm-up
             fn()
             self.best[name] = float("inf")
@@ -225,7 +254,7 @@ class MatmulPeak:
 
     def sample(self) -> None:
         for name, fn in self.kernels.items():
-            self.best[name] = min(self.best[name], timed_s(fn, self.device))
+            self.best[name] = min(self.best[name], once(fn)[0])
         self.samples += 1
 
     def result(self) -> dict:
@@ -242,26 +271,28 @@ def forever(loader):
         yield from loader
 
 
-def timed_s(fn: Callable[[], object], device: torch.device) -> float:
-    return benchmark_sampling.timed(fn, device)[0]
-
-
 class Lockstep:
     """Times the trainer's own iterations and runs the other training variants between them.
 
     Attached LAST to ``Events.ITERATION_COMPLETED``, so it sees the end of every trainer iteration (all the
     config's per-iteration handlers included). Each call then runs, timed one by one: one plain-loop iteration
     (its next batch from its own iterator over the same config DataLoader, then the step), one batch of the data
-    pipeline alone, the next ``per_iteration`` companions in a fixed rotation, and a matmul-peak sample. The trainer's iteration time
-    is measured from the end of that work to the next call: it contains the trainer's batch fetch, its step and
-    its handlers, and nothing of the companions. So every variant runs side by side with the trainer, seconds
-    apart, and load bursts hit them alike. The first iteration of each epoch (new iterator, epoch-end handlers
-    of the previous epoch) is kept apart as ``boundary``.
+    pipeline alone, the next ``per_iteration`` companions in a fixed rotation, and a matmul-peak sample. The
+    trainer's iteration time is measured from the end of that work to the next call: it contains the trainer's
+    batch fetch, its step and its handlers, and nothing of the companions. So every variant runs side by side
+    with the trainer, seconds apart, and load bursts hit them alike. The first iteration of each epoch (new
+    iterator, epoch-end handlers of the previous epoch) is kept apart as ``boundary``.
     """
 
-    def __init__(self, device: torch.device, plain: Callable[[], object], data: Callable[[], object],
-                 companions: dict[str, Callable[[], object]], per_iteration: int, peak: MatmulPeak) -> None:
-        self.device, self.plain, self.data, self.per_iteration, self.peak = device, plain, data, per_iteration, peak
+    def __init__(
+        self,
+        plain: Callable[[], object],
+        data: Callable[[], object],
+        companions: dict[str, Callable[[], object]],
+        per_iteration: int,
+        peak: MatmulPeak,
+    ) -> None:
+        self.plain, self.data, self.per_iteration, self.peak = plain, data, per_iteration, peak
         self.companions = companions
         self.rotation = cycle(list(companions))
         self.resume: float | None = None
@@ -269,20 +300,18 @@ class Lockstep:
         self.samples: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
 
     def __call__(self, engine) -> None:
-        sync(self.device)
-        now = time.perf_counter()
+        now = synchronized_clock()
         epoch, iteration = engine.state.epoch, engine.state.iteration
         if self.resume is not None:
             first = (iteration - 1) % engine.state.epoch_length == 0
             self.samples["trainer_boundary" if first else "trainer"].append((epoch, iteration, now - self.resume))
-        self.samples["plain_loop"].append((epoch, iteration, timed_s(self.plain, self.device)))
-        self.samples["data_pipeline"].append((epoch, iteration, timed_s(self.data, self.device)))
+        self.samples["plain_loop"].append((epoch, iteration, once(self.plain)[0]))
+        self.samples["data_pipeline"].append((epoch, iteration, once(self.data)[0]))
         for _ in range(self.per_iteration):
             name = next(self.rotation)
-            self.samples[name].append((epoch, iteration, timed_s(self.companions[name], self.device)))
+            self.samples[name].append((epoch, iteration, once(self.companions[name])[0]))
         self.peak.sample()
-        sync(self.device)
-        self.resume = time.perf_counter()
+        self.resume = synchronized_clock()
 
     def seconds(self, name: str, skip_epochs: int = 1) -> list[float]:
         """Timings of ``name`` after the warm-up epoch(s)."""
@@ -294,11 +323,17 @@ class Lockstep:
         return [s / den_at[i] for e, i, s in self.samples[num] if e > skip_epochs and i in den_at]
 
 
-def step_stats(values: list[float], items_per_step: int, flops_per_step: float | None = None,
-               peak_gflops: float | None = None) -> dict:
+def step_stats(
+    values: list[float], items_per_step: int, flops_per_step: float | None = None, peak_gflops: float | None = None
+) -> dict:
     step = median(values)
-    out = {"step_s": step, "step_s_best": min(values), "step_s_mean": statistics.fmean(values), "n": len(values),
-           "items_per_s": items_per_step / step}
+    out = {
+        "step_s": step,
+        "step_s_best": min(values),
+        "step_s_mean": statistics.fmean(values),
+        "n": len(values),
+        "items_per_s": items_per_step / step,
+    }
     if flops_per_step:
         out["achieved_gflops"] = flops_per_step / step / 1e9
         if peak_gflops:
@@ -313,11 +348,15 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's, CUDA when present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--epochs", type=int, default=0,
-                        help="timed trainer epochs after the warm-up epoch (0: 3, or 1 with --quick)")
+    parser.add_argument(
+        "--epochs", type=int, default=0, help="timed trainer epochs after the warm-up epoch (0: 3, or 1 with --quick)"
+    )
     parser.add_argument("--no_omp_probe", action="store_true", help="skip section 8 (child processes)")
-    parser.add_argument("--omp_default", action="store_true",
-                        help="keep libgomp's default wait policy (spinning) instead of OMP_WAIT_POLICY=PASSIVE")
+    parser.add_argument(
+        "--omp_default",
+        action="store_true",
+        help="keep libgomp's default wait policy (spinning) instead of OMP_WAIT_POLICY=PASSIVE",
+    )
     parser.add_argument("--no_compile", action="store_true", help="skip section 9 (torch.compile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--omp_probe_child", type=int, default=0, help=argparse.SUPPRESS)  # internal: batch size
@@ -355,9 +394,7 @@ def run(args, work: str) -> dict:
     counts = write_hipmri_phantoms(data_dir, train_cases=1 if quick else 6, val_cases=1, test_cases=1)
     log(f"phantoms written: {counts}")
     config = train_parser(data_dir, work, 4 if quick else None, args.device, max_epochs=1 + epochs)
-    t = time.perf_counter()
-    train_dataset = config.get_parsed_content("train::dataset")  # caches every training image
-    cache_s = time.perf_counter() - t
+    cache_s, train_dataset = once(lambda: config.get_parsed_content("train::dataset"))  # caches every image
     trainer = config.get_parsed_content("train::trainer")
     loader = config.get_parsed_content("train::dataloader")  # the trainer's own loader
     device = torch.device(config.get_parsed_content("device"))
@@ -368,8 +405,10 @@ def run(args, work: str) -> dict:
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[amp_dtype]
     lr = config.get_parsed_content("learning_rate")
     info = machine(device)
-    log(f"trainer built from configs/train.json ({len(train_dataset)} cached training images in {cache_s:.1f} s); "
-        f"device {device}, batch {batch_size}, amp {amp} ({amp_dtype}), channels_last {channels_last}")
+    log(
+        f"trainer built from configs/train.json ({len(train_dataset)} cached training images in {cache_s:.1f} s); "
+        f"device {device}, batch {batch_size}, amp {amp} ({amp_dtype}), channels_last {channels_last}"
+    )
 
     # a second, untouched instance of the same network_def (no CodebookMonitor hooks), same initial weights
     base = config.get_parsed_content("network_def", lazy=False)
@@ -386,9 +425,12 @@ def run(args, work: str) -> dict:
         net = copy.deepcopy(base).to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         return net, torch.optim.Adam(net.parameters(), lr)
 
-    flops = {name: count_flops(lambda name=name: vqvae_step(*new_vqvae(VARIANTS[name][1]), batches[0],
-                                                            *VARIANTS[name], dtype))
-             for name in ("fp32", "bf16_channels_last")}
+    flops = {
+        name: count_flops(
+            lambda name=name: vqvae_step(*new_vqvae(VARIANTS[name][1]), batches[0], *VARIANTS[name], dtype)
+        )
+        for name in ("fp32", "bf16_channels_last")
+    }
     flops_step = flops["fp32"]
     log(f"VQ-VAE training step: {flops_step / 1e9:.1f} GFLOP per batch of {batch_size} (FlopCounterMode)")
 
@@ -415,36 +457,60 @@ def run(args, work: str) -> dict:
     companions: dict[str, Callable[[], object]] = {}
     for name, (amp_v, cl_v) in VARIANTS.items():
         net, opt = new_vqvae(cl_v)
-        companions[f"vqvae_{name}"] = (lambda net=net, opt=opt, amp_v=amp_v, cl_v=cl_v:
-                                       vqvae_step(net, opt, next(variant_batches), amp_v, cl_v, dtype))
+        companions[f"vqvae_{name}"] = lambda net=net, opt=opt, amp_v=amp_v, cl_v=cl_v: vqvae_step(
+            net, opt, next(variant_batches), amp_v, cl_v, dtype
+        )
     for name in ("fp32", "bf16"):
         net, opt = new_prior()
         companions[f"prior_{name}"] = lambda net=net, opt=opt, amp_v=name == "bf16": prior_step(net, opt, codes, amp_v)
-    compile_info = compiled_companions(args, work, companions, device, new_vqvae, new_prior, batches, variant_batches, codes,
-                                       (amp, channels_last, dtype))
-    lockstep = Lockstep(device, plain_iteration, lambda: next(data_batches)[image_key].to(device), companions,
-                        per_iteration=3, peak=peak_meter)
+    compile_info = compiled_companions(
+        args,
+        work,
+        companions,
+        device,
+        new_vqvae,
+        new_prior,
+        batches,
+        variant_batches,
+        codes,
+        (amp, channels_last, dtype),
+    )
+    lockstep = Lockstep(
+        plain_iteration, lambda: next(data_batches)[image_key].to(device), companions, per_iteration=3, peak=peak_meter
+    )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lockstep)  # attached last: runs after the config's
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: log(f"trainer epoch {e.state.epoch}/{e.state.max_epochs}"
-                                                                    f"{' (warm-up)' if e.state.epoch == 1 else ''} done"))
-    log(f"trainer: 1 warm-up + {epochs} timed epochs of {len(loader)} iterations; between its iterations: plain "
-        f"loop, data pipeline and 3 of {list(companions)} in turn")
-    t = time.perf_counter()
-    trainer.run()
-    trainer_run_s = time.perf_counter() - t
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: log(
+            f"trainer epoch {e.state.epoch}/{e.state.max_epochs}" f"{' (warm-up)' if e.state.epoch == 1 else ''} done"
+        ),
+    )
+    log(
+        f"trainer: 1 warm-up + {epochs} timed epochs of {len(loader)} iterations; between its iterations: plain "
+        f"loop, data pipeline and 3 of {list(companions)} in turn"
+    )
+    trainer_run_s, _ = once(trainer.run)
 
     # ---- statistics ----
     peak = peak_meter.result()
     log("matmul peak GFLOP/s: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in peak.items() if k.endswith("_gflops")))
     vq = {}
     for name, (amp_v, _) in VARIANTS.items():
-        vq[name] = step_stats(lockstep.seconds(f"vqvae_{name}"), batch_size, flops_step,
-                              peak["bf16_gflops"] if amp_v else peak["fp32_gflops"])
+        vq[name] = step_stats(
+            lockstep.seconds(f"vqvae_{name}"),
+            batch_size,
+            flops_step,
+            peak["bf16_gflops"] if amp_v else peak["fp32_gflops"],
+        )
         vq[name]["images_per_s"] = vq[name].pop("items_per_s")
         vq[name]["peak_used"] = "bf16" if amp_v else "fp32"
     speedup = {name: vq["fp32"]["step_s"] / vq[name]["step_s"] for name in VARIANTS if name != "fp32"}
-    config_variant = {(False, False): "fp32", (True, False): "bf16", (False, True): "channels_last",
-                      (True, True): "bf16_channels_last"}[(bool(amp), bool(channels_last))]
+    config_variant = {
+        (False, False): "fp32",
+        (True, False): "bf16",
+        (False, True): "channels_last",
+        (True, True): "bf16_channels_last",
+    }[(bool(amp), bool(channels_last))]
 
     trainer_s, plain_s = median(lockstep.seconds("trainer")), median(lockstep.seconds("plain_loop"))
     data_s, preloaded_s = median(lockstep.seconds("data_pipeline")), vq[config_variant]["step_s"]
@@ -455,7 +521,8 @@ def run(args, work: str) -> dict:
         "plain_loop_images_per_s": batch_size / plain_s,
         "ratio": plain_s / trainer_s,
         "ratio_paired_median": median(paired),
-        "ratio_mean_based": statistics.fmean(lockstep.seconds("plain_loop")) / statistics.fmean(lockstep.seconds("trainer")),
+        "ratio_mean_based": statistics.fmean(lockstep.seconds("plain_loop"))
+        / statistics.fmean(lockstep.seconds("trainer")),
         "ratio_best_based": min(lockstep.seconds("plain_loop")) / min(lockstep.seconds("trainer")),
         "paired_ratios": paired,
         "target": 0.95,
@@ -467,8 +534,13 @@ def run(args, work: str) -> dict:
         "iterations_per_epoch": len(loader),
         "epoch_boundary_extra_s": median(boundary) - trainer_s if boundary else None,
         "trainer_run_s_with_companions": trainer_run_s,
-        "settings": {"amp": amp, "amp_dtype": amp_dtype, "channels_last": channels_last, "batch_size": batch_size,
-                     "val_interval": "off (10**9)"},
+        "settings": {
+            "amp": amp,
+            "amp_dtype": amp_dtype,
+            "channels_last": channels_last,
+            "batch_size": batch_size,
+            "val_interval": "off (10**9)",
+        },
     }
     tvp["meets_target"] = tvp["ratio"] >= tvp["target"]
     data = {
@@ -489,10 +561,12 @@ def run(args, work: str) -> dict:
         prior[name] = stats
     prior["bf16_speedup"] = prior["fp32"]["step_s"] / prior["bf16"]["step_s"]
     if "vqvae_compiled" in companions:
-        compile_info["vqvae"] = compile_effect(lockstep, f"vqvae_{config_variant}", "vqvae_compiled", batch_size,
-                                               compile_info.pop("vqvae_first_call_s"))
-        compile_info["prior"] = compile_effect(lockstep, "prior_bf16", "prior_bf16_compiled", prior_batch,
-                                               compile_info.pop("prior_first_call_s"))
+        compile_info["vqvae"] = compile_effect(
+            lockstep, f"vqvae_{config_variant}", "vqvae_compiled", batch_size, compile_info.pop("vqvae_first_call_s")
+        )
+        compile_info["prior"] = compile_effect(
+            lockstep, "prior_bf16", "prior_bf16_compiled", prior_batch, compile_info.pop("prior_first_call_s")
+        )
     del trainer, companions, plain_iteration, lockstep
 
     # ---- 6. inference ----
@@ -516,18 +590,26 @@ def run(args, work: str) -> dict:
         "quick": quick,
         "machine": info,
         "settings": {
-            "device": str(device), "timed_epochs": epochs, "batch_size": batch_size,
-            "training_images": len(train_dataset), "image_size": config.get_parsed_content("image_size"),
+            "device": str(device),
+            "timed_epochs": epochs,
+            "batch_size": batch_size,
+            "training_images": len(train_dataset),
+            "image_size": config.get_parsed_content("image_size"),
             "channels": config.get_parsed_content("channels"),
             "num_res_channels": config.get_parsed_content("num_res_channels"),
             "num_embeddings": config.get_parsed_content("num_embeddings"),
             "embedding_dim": config.get_parsed_content("embedding_dim"),
             "statistic": "median over the timed epochs, variants interleaved with the trainer's iterations; "
-                         "matmul peak: best of repeats",
+            "matmul peak: best of repeats; inference, decoding and the OpenMP probe: mean per call "
+            "after torch.utils.benchmark.Timer's warm-up (inference: median over rounds)",
         },
         "peak_matmul": peak,
-        "vqvae_flops": {"per_step_fp32": flops["fp32"], "per_step_bf16_channels_last": flops["bf16_channels_last"],
-                        "per_image": flops_step / batch_size, "batch_size": batch_size},
+        "vqvae_flops": {
+            "per_step_fp32": flops["fp32"],
+            "per_step_bf16_channels_last": flops["bf16_channels_last"],
+            "per_image": flops_step / batch_size,
+            "batch_size": batch_size,
+        },
         "vqvae_train_step": vq,
         "vqvae_speedup_vs_fp32": speedup,
         "trainer_vs_plain": tvp,
@@ -541,8 +623,18 @@ def run(args, work: str) -> dict:
     }
 
 
-def compiled_companions(args, work: str, companions: dict, device: torch.device, new_vqvae, new_prior, batches,
-                        variant_batches, codes: torch.Tensor, settings: tuple) -> dict:
+def compiled_companions(
+    args,
+    work: str,
+    companions: dict,
+    device: torch.device,
+    new_vqvae,
+    new_prior,
+    batches,
+    variant_batches,
+    codes: torch.Tensor,
+    settings: tuple,
+) -> dict:
     """Section 9: adds ``torch.compile``d copies of the config's VQ-VAE step and of the bf16 prior step.
 
     They join the companions interleaved with the trainer, beside their eager twins (``vqvae_<config variant>``
@@ -563,12 +655,14 @@ def compiled_companions(args, work: str, companions: dict, device: torch.device,
     info = {"backend": "inductor", "mode": "default", "inductor_cache": "cold (empty, in the work dir)"}
     net, opt = new_vqvae(channels_last)
     vqvae = torch.compile(net)
-    info["vqvae_first_call_s"] = timed_s(lambda: vqvae_step(vqvae, opt, batches[0], amp, channels_last, dtype), device)
+    info["vqvae_first_call_s"], _ = once(lambda: vqvae_step(vqvae, opt, batches[0], amp, channels_last, dtype))
     prior_net, prior_opt = new_prior()
     prior = torch.compile(prior_net)
-    info["prior_first_call_s"] = timed_s(lambda: prior_step(prior, prior_opt, codes, True), device)
-    log(f"torch.compile: first VQ-VAE step {info['vqvae_first_call_s']:.1f} s, first prior step "
-        f"{info['prior_first_call_s']:.1f} s (compiling)")
+    info["prior_first_call_s"], _ = once(lambda: prior_step(prior, prior_opt, codes, True))
+    log(
+        f"torch.compile: first VQ-VAE step {info['vqvae_first_call_s']:.1f} s, first prior step "
+        f"{info['prior_first_call_s']:.1f} s (compiling)"
+    )
     companions["vqvae_compiled"] = lambda: vqvae_step(vqvae, opt, next(variant_batches), amp, channels_last, dtype)
     companions["prior_bf16_compiled"] = lambda: prior_step(prior, prior_opt, codes, True)
     return info
@@ -578,11 +672,18 @@ def compile_effect(lockstep: "Lockstep", eager: str, compiled: str, batch: int, 
     """Steady-state speed-up of a compiled step over its eager twin, and when compiling pays for itself."""
     eager_s, compiled_s = median(lockstep.seconds(eager)), median(lockstep.seconds(compiled))
     saved = eager_s - compiled_s
-    return {"eager": eager, "eager_step_s": eager_s, "compiled_step_s": compiled_s, "speedup": eager_s / compiled_s,
-            "items_per_s_eager": batch / eager_s, "items_per_s_compiled": batch / compiled_s,
-            "n": len(lockstep.seconds(compiled)), "first_call_s": first_call_s,
-            "compile_overhead_s": first_call_s - compiled_s,
-            "break_even_steps": (first_call_s - compiled_s) / saved if saved > 0 else None}
+    return {
+        "eager": eager,
+        "eager_step_s": eager_s,
+        "compiled_step_s": compiled_s,
+        "speedup": eager_s / compiled_s,
+        "items_per_s_eager": batch / eager_s,
+        "items_per_s_compiled": batch / compiled_s,
+        "n": len(lockstep.seconds(compiled)),
+        "first_call_s": first_call_s,
+        "compile_overhead_s": first_call_s - compiled_s,
+        "break_even_steps": (first_call_s - compiled_s) / saved if saved > 0 else None,
+    }
 
 
 def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> tuple[dict, torch.nn.Module]:
@@ -605,19 +706,20 @@ def inference_benchmark(device_arg: str | None, rounds: int, calls: int) -> tupl
     }
     times: dict[str, list[float]] = defaultdict(list)
     with torch.no_grad():
-        for r in range(-1, rounds):
+        for _ in range(rounds):  # jobs interleaved, round after round, so that load bursts hit them alike
             for name, fn in jobs.items():
                 for b in (1, 16):
-                    for _ in range(calls if b == 1 else 1):
-                        seconds, _ = benchmark_sampling.timed(lambda: fn(b), device)
-                        if r >= 0:
-                            times[f"{name}_batch{b}"].append(seconds / b)
+                    seconds = per_call_s(functools.partial(fn, b), calls if b == 1 else 1)
+                    times[f"{name}_batch{b}"].append(seconds / b)
         # agreement of the bf16 variant with the fp32 reference (random weights: indicative only)
         ref, fast = inferer(x[16], net), fast_inferer(x[16], fast_net)
         codes_ref, codes_fast = net.index_quantize(x[16]), _encode_fast(fast_net, x[16])
     out = {f"{k}_ms_per_slice": 1000 * median(v) for k, v in times.items()}
-    out["config"] = {"amp": config.get_parsed_content("amp"), "channels_last": config.get_parsed_content("channels_last"),
-                     "weights": "random"}
+    out["config"] = {
+        "amp": config.get_parsed_content("amp"),
+        "channels_last": config.get_parsed_content("channels_last"),
+        "weights": "random",
+    }
     out["bf16_channels_last_max_abs_diff"] = float((ref - fast).abs().max())
     out["bf16_channels_last_code_agreement"] = float((codes_ref == codes_fast).float().mean())
     return out, net
@@ -634,15 +736,35 @@ def sampling_benchmark(config, quick: bool, work: str, net: torch.nn.Module, dev
     num_samples = 1 if quick else 4
     small = (4, 4) if quick else (8, 8)
     out_json = os.path.join(work, "sampling.json")
-    argv = ["benchmark_sampling.py",
-            "--channels", config.get_parsed_content("prior_channels"),
-            "--layers", config.get_parsed_content("prior_layers"),
-            "--kernel_size", config.get_parsed_content("prior_kernel_size"),
-            "--num_embeddings", config.get_parsed_content("num_embeddings"),
-            "--head_channels", config.get_parsed_content("prior_head_channels"),
-            "--height", latent[0], "--width", latent[1], "--num_samples", num_samples, "--naive_rows", 1,
-            "--small_height", small[0], "--small_width", small[1], "--repeats", 1 if quick else 2,
-            "--json", out_json]
+    argv = [
+        "benchmark_sampling.py",
+        "--channels",
+        config.get_parsed_content("prior_channels"),
+        "--layers",
+        config.get_parsed_content("prior_layers"),
+        "--kernel_size",
+        config.get_parsed_content("prior_kernel_size"),
+        "--num_embeddings",
+        config.get_parsed_content("num_embeddings"),
+        "--head_channels",
+        config.get_parsed_content("prior_head_channels"),
+        "--height",
+        latent[0],
+        "--width",
+        latent[1],
+        "--num_samples",
+        num_samples,
+        "--naive_rows",
+        1,
+        "--small_height",
+        small[0],
+        "--small_width",
+        small[1],
+        "--repeats",
+        1 if quick else 2,
+        "--json",
+        out_json,
+    ]
     saved_argv, text = sys.argv, io.StringIO()
     sys.argv = [str(a) for a in argv]
     try:
@@ -657,8 +779,7 @@ def sampling_benchmark(config, quick: bool, work: str, net: torch.nn.Module, dev
     full = raw["results"]["full"]
     codes = torch.randint(0, config.get_parsed_content("num_embeddings"), (num_samples, *latent), device=device)
     with torch.no_grad():
-        net.decode_samples(codes)  # warm-up
-        decode_s = min(benchmark_sampling.timed(lambda: net.decode_samples(codes), device)[0] for _ in range(3))
+        decode_s = per_call_s(lambda: net.decode_samples(codes), 3)
     return {
         "num_samples": num_samples,
         "latent": list(latent),
@@ -670,8 +791,9 @@ def sampling_benchmark(config, quick: bool, work: str, net: torch.nn.Module, dev
         "naive_slices_s_per_batch": full["naive_s_extrapolated"] + decode_s,
         "fast_slices_s_per_batch": full["fast_s"] + decode_s,
         "small": raw["results"]["small"],
-        "fast_equals_naive": bool(raw["results"]["small"]["fast_equals_naive"]
-                                  and full["fast_equals_naive_on_measured_prefix"]),
+        "fast_equals_naive": bool(
+            raw["results"]["small"]["fast_equals_naive"] and full["fast_equals_naive_on_measured_prefix"]
+        ),
         "benchmark_sampling": raw,
     }
 
@@ -686,14 +808,18 @@ def omp_probe_child(batch_size: int, device_arg: str | None) -> dict:
         net = config.get_parsed_content("network")
         opt = torch.optim.Adam(net.parameters(), config.get_parsed_content("learning_rate"))
         x = torch.rand(batch_size, 1, *config.get_parsed_content("image_size"), device=device)
-        steps = [timed_s(lambda: vqvae_step(net, opt, x, amp, cl), device) for _ in range(3)][1:]
+        step_s = per_call_s(lambda: vqvae_step(net, opt, x, amp, cl), 2)
     inference = inference_parser(device_arg)
     eval_net, inferer = inference.get_parsed_content("network").eval(), inference.get_parsed_content("inferer")
     x1 = torch.rand(1, 1, *inference.get_parsed_content("image_size"), device=device)
     with torch.no_grad():
-        calls = [timed_s(lambda: inferer(x1, eval_net), device) for _ in range(6)][1:]
-    return {"train_step_s": median(steps), "images_per_s": batch_size / median(steps),
-            "reconstruction_batch1_ms": 1000 * median(calls), "load_average": os.getloadavg()[0]}
+        call_s = per_call_s(lambda: inferer(x1, eval_net), 5)
+    return {
+        "train_step_s": step_s,
+        "images_per_s": batch_size / step_s,
+        "reconstruction_batch1_ms": 1000 * call_s,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def omp_probe(batch_size: int, repeats: int, args) -> dict:
@@ -705,9 +831,11 @@ def omp_probe(batch_size: int, repeats: int, args) -> dict:
     The policy is read when libgomp loads, hence child processes (alternated, ``repeats`` each).
     """
     threads = args.threads or torch.get_num_threads()
-    policies = {f"{threads} threads, OMP_WAIT_POLICY unset": (None, threads),
-                f"{threads} threads, OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", threads),
-                "1 thread": (None, 1)}
+    policies = {
+        f"{threads} threads, OMP_WAIT_POLICY unset": (None, threads),
+        f"{threads} threads, OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", threads),
+        "1 thread": (None, 1),
+    }
     runs: dict[str, list[dict]] = defaultdict(list)
     for rep in range(repeats):
         for name in (list(policies) if rep % 2 == 0 else list(policies)[::-1]):
@@ -715,8 +843,14 @@ def omp_probe(batch_size: int, repeats: int, args) -> dict:
             env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
             if policy:
                 env["OMP_WAIT_POLICY"] = policy
-            command = [sys.executable, os.path.abspath(__file__), "--omp_probe_child", str(batch_size),
-                       "--threads", str(n_threads)]
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--omp_probe_child",
+                str(batch_size),
+                "--threads",
+                str(n_threads),
+            ]
             command += ["--device", args.device] if args.device else []
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
             if done.returncode != 0:
@@ -740,16 +874,25 @@ def omp_probe(batch_size: int, repeats: int, args) -> dict:
 def print_table(r: dict) -> None:
     m = r["machine"]
     print()
-    print(f"machine : {m['cpu']} | {m['cpu_cores']} cores, {m['torch_threads']} torch threads | "
-          f"flags {' '.join(m['cpu_flags']) or '-'} | GPU {m['gpu'] or 'none'} | device {m['device']}")
-    print(f"versions: python {m['python']} | torch {m['torch']} | monai {m['monai']} | ignite {m['ignite']} | env "
-          + (" ".join(f"{k}={v}" for k, v in m["env"].items()) or "-")
-          + (" (PASSIVE set by the benchmark; --omp_default keeps libgomp's default)"
-             if m["omp_wait_policy_set_by_benchmark"] else ""))
+    print(
+        f"machine : {m['cpu']} | {m['cpu_cores']} cores, {m['torch_threads']} torch threads | "
+        f"flags {' '.join(m['cpu_flags']) or '-'} | GPU {m['gpu'] or 'none'} | device {m['device']}"
+    )
+    print(
+        f"versions: python {m['python']} | torch {m['torch']} | monai {m['monai']} | ignite {m['ignite']} | env "
+        + (" ".join(f"{k}={v}" for k, v in m["env"].items()) or "-")
+        + (
+            " (PASSIVE set by the benchmark; --omp_default keeps libgomp's default)"
+            if m["omp_wait_policy_set_by_benchmark"]
+            else ""
+        )
+    )
     la, lb = m["load_average_start"], m["load_average_end"]
-    print(f"load    : {la[0]:.2f} at start, {lb[0]:.2f} at end (1-min load average; "
-          f"{m['cpu_cores']} cores) | {'QUICK' if r['quick'] else 'full'} run, {r['settings']['timed_epochs']} timed "
-          f"epoch(s), variants interleaved, medians | wall {r['wall_s']:.0f} s")
+    print(
+        f"load    : {la[0]:.2f} at start, {lb[0]:.2f} at end (1-min load average; "
+        f"{m['cpu_cores']} cores) | {'QUICK' if r['quick'] else 'full'} run, {r['settings']['timed_epochs']} timed "
+        f"epoch(s), variants interleaved, medians | wall {r['wall_s']:.0f} s"
+    )
     rows: list[tuple[str, str, str]] = []
 
     def section(title: str) -> None:
@@ -759,68 +902,124 @@ def print_table(r: dict) -> None:
         rows.append((f"   {name}", value, note))
 
     t, d, s = r["trainer_vs_plain"], r["data_pipeline"], r["settings"]
-    section(f"1. trainer (configs/train.json) vs plain loop, {t['settings']['amp_dtype'] if t['settings']['amp'] else 'fp32'}"
-            f"{' + channels_last' if t['settings']['channels_last'] else ''}, batch {s['batch_size']}")
-    row("Ignite trainer", f"{t['trainer_images_per_s']:.2f} img/s", f"{t['trainer_iterations_timed']} steady-state iterations")
+    precision = t["settings"]["amp_dtype"] if t["settings"]["amp"] else "fp32"
+    section(
+        f"1. trainer (configs/train.json) vs plain loop, {precision}"
+        f"{' + channels_last' if t['settings']['channels_last'] else ''}, batch {s['batch_size']}"
+    )
+    row(
+        "Ignite trainer",
+        f"{t['trainer_images_per_s']:.2f} img/s",
+        f"{t['trainer_iterations_timed']} steady-state iterations",
+    )
     row("plain loop, same DataLoader", f"{t['plain_loop_images_per_s']:.2f} img/s")
-    row("ratio trainer / plain", f"{t['ratio']:.3f}", f"target >= {t['target']} ({'met' if t['meets_target'] else 'NOT met'}); "
-        f"paired per iteration {t['ratio_paired_median']:.3f}, best-based {t['ratio_best_based']:.3f}")
+    row(
+        "ratio trainer / plain",
+        f"{t['ratio']:.3f}",
+        f"target >= {t['target']} ({'met' if t['meets_target'] else 'NOT met'}); "
+        f"paired per iteration {t['ratio_paired_median']:.3f}, best-based {t['ratio_best_based']:.3f}",
+    )
     row("plain loop, preloaded tensors", f"{t['plain_loop_preloaded_images_per_s']:.2f} img/s", "no data loading")
     if t["epoch_boundary_extra_s"] is not None:
-        row("epoch boundary", f"{t['epoch_boundary_extra_s']:+.3f} s/epoch",
-            "first iteration of an epoch minus a steady one: epoch-end handlers, new iterator (not in the ratio)")
-    section(f"2./3. VQ-VAE training step, batch {s['batch_size']}, {r['vqvae_flops']['per_image'] / 1e9:.2f} GFLOP/image "
-            f"(FlopCounterMode); matmul peak fp32 {r['peak_matmul']['fp32_gflops']:.0f}, bf16 "
-            f"{r['peak_matmul']['bf16_gflops']:.0f} GFLOP/s (best of mm and 1x1 conv, {r['peak_matmul']['size']}^3, "
-            f"{r['peak_matmul']['samples']} samples)")
+        row(
+            "epoch boundary",
+            f"{t['epoch_boundary_extra_s']:+.3f} s/epoch",
+            "first iteration of an epoch minus a steady one: epoch-end handlers, new iterator (not in the ratio)",
+        )
+    section(
+        f"2./3. VQ-VAE training step, batch {s['batch_size']}, {r['vqvae_flops']['per_image'] / 1e9:.2f} GFLOP/image "
+        f"(FlopCounterMode); matmul peak fp32 {r['peak_matmul']['fp32_gflops']:.0f}, bf16 "
+        f"{r['peak_matmul']['bf16_gflops']:.0f} GFLOP/s (best of mm and 1x1 conv, {r['peak_matmul']['size']}^3, "
+        f"{r['peak_matmul']['samples']} samples)"
+    )
     batch = s["batch_size"]
     for name, v in r["vqvae_train_step"].items():
         sp = r["vqvae_speedup_vs_fp32"].get(name)
-        row(name, f"{v['images_per_s']:.2f} img/s",
+        row(
+            name,
+            f"{v['images_per_s']:.2f} img/s",
             f"{v['achieved_gflops']:.1f} GFLOP/s = {100 * v['fraction_of_peak']:.0f}% of {v['peak_used']} peak"
-            + (f"; {sp:.2f}x fp32" if sp else "") + f" | best step {batch / v['step_s_best']:.2f} img/s")
+            + (f"; {sp:.2f}x fp32" if sp else "")
+            + f" | best step {batch / v['step_s_best']:.2f} img/s",
+        )
     section("4. data pipeline alone (config DataLoader: CacheDataset + augmentation)")
-    row("loader", f"{d['images_per_s']:.1f} img/s", f"{d['headroom_vs_trainer']:.0f}x what the trainer consumes "
+    row(
+        "loader",
+        f"{d['images_per_s']:.1f} img/s",
+        f"{d['headroom_vs_trainer']:.0f}x what the trainer consumes "
         f"({d['share_of_trainer_step'] * 100:.1f}% of a step); cache build {d['cache_build_s']:.1f} s "
-        f"for {d['cached_images']} images")
+        f"for {d['cached_images']} images",
+    )
     sm = r["sampling"]
     section(f"5. PixelCNN sampling, batch of {sm['num_samples']}, latent {sm['latent'][0]}x{sm['latent'][1]}")
-    row("naive codes", f"{sm['naive_s_per_batch']:.1f} s/batch",
-        f"EXTRAPOLATED from {sm['naive_is_extrapolated_from_positions']} positions")
-    row("fast codes", f"{sm['fast_s_per_batch']:.2f} s/batch", f"{sm['speedup']:.0f}x naive; exact: {sm['fast_equals_naive']}")
-    row("decode to slices", f"{sm['decode_s_per_batch']:.3f} s/batch",
-        f"slices: naive {sm['naive_slices_s_per_batch']:.1f} s, fast {sm['fast_slices_s_per_batch']:.2f} s per batch")
+    row(
+        "naive codes",
+        f"{sm['naive_s_per_batch']:.1f} s/batch",
+        f"EXTRAPOLATED from {sm['naive_is_extrapolated_from_positions']} positions",
+    )
+    row(
+        "fast codes",
+        f"{sm['fast_s_per_batch']:.2f} s/batch",
+        f"{sm['speedup']:.0f}x naive; exact: {sm['fast_equals_naive']}",
+    )
+    row(
+        "decode to slices",
+        f"{sm['decode_s_per_batch']:.3f} s/batch",
+        f"slices: naive {sm['naive_slices_s_per_batch']:.1f} s, fast {sm['fast_slices_s_per_batch']:.2f} s per batch",
+    )
     sml = sm["small"]
-    row(f"measured {sml['shape'][0]}x{sml['shape'][1]} latent", f"{sml['speedup_measured']:.1f}x",
-        f"naive {sml['naive_s']:.2f} s vs fast {sml['fast_s']:.3f} s, both measured")
+    row(
+        f"measured {sml['shape'][0]}x{sml['shape'][1]} latent",
+        f"{sml['speedup_measured']:.1f}x",
+        f"naive {sml['naive_s']:.2f} s vs fast {sml['fast_s']:.3f} s, both measured",
+    )
     inf = r["inference"]
     section("6. inference (configs/inference.json: fp32, contiguous; random weights)")
     for name in ("reconstruction", "encode", "reconstruction_bf16_channels_last", "encode_bf16_channels_last"):
-        row(name, f"{inf[f'{name}_batch1_ms_per_slice']:.1f} / {inf[f'{name}_batch16_ms_per_slice']:.1f} ms/slice",
-            "batch 1 / batch 16" + (" (not the config's setting)" if "bf16" in name else ""))
+        row(
+            name,
+            f"{inf[f'{name}_batch1_ms_per_slice']:.1f} / {inf[f'{name}_batch16_ms_per_slice']:.1f} ms/slice",
+            "batch 1 / batch 16" + (" (not the config's setting)" if "bf16" in name else ""),
+        )
     p = r["prior_train_step"]
-    section(f"7. PixelCNN training step, batch {p['batch_size']}, {p['flops_per_step'] / p['batch_size'] / 1e9:.1f} GFLOP/map")
+    gflop_per_map = p["flops_per_step"] / p["batch_size"] / 1e9
+    section(f"7. PixelCNN training step, batch {p['batch_size']}, {gflop_per_map:.1f} GFLOP/map")
     for name in ("fp32", "bf16"):
         v = p[name]
-        row(name, f"{v['maps_per_s']:.2f} maps/s", f"{v['achieved_gflops']:.1f} GFLOP/s = "
-            f"{100 * v['fraction_of_peak']:.0f}% of {name} peak" + (f"; {p['bf16_speedup']:.2f}x fp32" if name == "bf16" else "")
-            + f" | best step {p['batch_size'] / v['step_s_best']:.2f} maps/s")
+        row(
+            name,
+            f"{v['maps_per_s']:.2f} maps/s",
+            f"{v['achieved_gflops']:.1f} GFLOP/s = "
+            f"{100 * v['fraction_of_peak']:.0f}% of {name} peak"
+            + (f"; {p['bf16_speedup']:.2f}x fp32" if name == "bf16" else "")
+            + f" | best step {p['batch_size'] / v['step_s_best']:.2f} maps/s",
+        )
     o = r.get("omp_wait_policy")
     if o:
         section(f"8. OpenMP wait policy (child processes, {o['repeats']} each, alternated; batch {o['batch_size']})")
         for name, v in o["policies"].items():
-            row(name, f"{v['images_per_s']:.2f} img/s", f"training step; batch-1 reconstruction "
-                f"{v['reconstruction_batch1_ms']:.0f} ms")
-        row("PASSIVE vs unset", f"{o['passive_train_speedup']:.2f}x", f"training; {o['passive_batch1_speedup']:.1f}x "
-            f"batch-1 inference (1 thread vs unset: {o['one_thread_train_speedup']:.2f}x training)")
+            row(
+                name,
+                f"{v['images_per_s']:.2f} img/s",
+                f"training step; batch-1 reconstruction " f"{v['reconstruction_batch1_ms']:.0f} ms",
+            )
+        row(
+            "PASSIVE vs unset",
+            f"{o['passive_train_speedup']:.2f}x",
+            f"training; {o['passive_batch1_speedup']:.1f}x "
+            f"batch-1 inference (1 thread vs unset: {o['one_thread_train_speedup']:.2f}x training)",
+        )
     c = r.get("compile") or {}
     if "vqvae" in c:
         section("9. torch.compile (inductor, default mode) vs eager, same step, interleaved; the config's settings")
         for name, unit in (("vqvae", "img/s"), ("prior", "maps/s")):
             v = c[name]
-            row(f"{name} compiled", f"{v['items_per_s_compiled']:.2f} {unit}",
+            row(
+                f"{name} compiled",
+                f"{v['items_per_s_compiled']:.2f} {unit}",
                 f"{v['speedup']:.2f}x eager ({v['items_per_s_eager']:.2f}); first call {v['first_call_s']:.1f} s, pays "
-                "off after " + (f"{v['break_even_steps']:.0f} steps" if v["break_even_steps"] else "never"))
+                "off after " + (f"{v['break_even_steps']:.0f} steps" if v["break_even_steps"] else "never"),
+            )
     elif c:
         section(f"9. torch.compile skipped: {c.get('skipped')}")
     widths = [max(len(x[i]) for x in rows if x[1]) for i in range(2)]

@@ -1,4 +1,4 @@
-"""Data discovery: layouts, masks ignored, labels, demo generation and clear errors."""
+"""Data discovery: layouts, masks ignored, labels, no data created as a side effect, and clear errors."""
 
 from __future__ import annotations
 
@@ -44,21 +44,64 @@ def test_oasis_png_layout(tmp_path: Path) -> None:
 
 
 def test_datalist_json_relative_paths_and_labels(tmp_path: Path) -> None:
-    (tmp_path / "a.nii.gz").touch()
-    content = {"training": [{"image": "a.nii.gz", "label": 2}], "validation": ["a.nii.gz"], "test": []}
+    (tmp_path / "sub").mkdir()
+    elsewhere = tmp_path.parent / "elsewhere.nii.gz"
+    content = {
+        "training": [{"image": "sub/a.nii.gz", "label": 2}, {"image": str(elsewhere), "label": 0}],
+        "validation": [{"image": "b.nii.gz"}],
+        "test": ["c.nii.gz"],
+    }
     (tmp_path / "datalist.json").write_text(json.dumps(content))
     assert detect_layout(tmp_path) == "datalist"
     items = datalist(tmp_path, "train", num_classes=4)
-    assert items == [{"image": str(tmp_path / "a.nii.gz"), "label": 2}]
-    assert datalist(tmp_path / "datalist.json", "validate")[0]["image"] == str(tmp_path / "a.nii.gz")
+    assert items == [{"image": str(tmp_path / "sub" / "a.nii.gz"), "label": 2}, {"image": str(elsewhere), "label": 0}]
+    assert datalist(tmp_path / "datalist.json", "validate") == [{"image": str(tmp_path / "b.nii.gz")}]
+    assert datalist(tmp_path, "test") == [{"image": str(tmp_path / "c.nii.gz")}]  # bare paths are allowed in "test"
+
+
+def test_datalist_json_errors(tmp_path: Path) -> None:
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [{"label": 1}], "validation": ["b.nii.gz"], "test": []}))
+    with pytest.raises(ValueError, match=r"training\[0\] has no 'image'"):
+        datalist(path, "train")
+    with pytest.raises(ValueError, match="'validation'.*must be a dict"):
+        datalist(path, "validate")
     with pytest.raises(ValueError, match="holds no images"):
-        datalist(tmp_path, "test")
+        datalist(path, "test")
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
+    with pytest.raises(ValueError, match="validation"):
+        datalist(path, "validate")
 
 
 def test_slice_position_labels_are_bucketed(phantom_dir: Path) -> None:
     items = datalist(phantom_dir, "train", num_classes=3, max_slice=5)
     labels = {slice_index(i["image"]): i["label"] for i in items}
     assert labels == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    assert [i["label"] for i in datalist(phantom_dir, "train", num_classes=3)] == [i["label"] for i in items]
+
+
+def _touch_scan(folder: Path, case: int, num_slices: int) -> None:
+    folder.mkdir(exist_ok=True)
+    for z in range(num_slices):
+        (folder / f"case_{case:03d}_week_0_slice_{z}.nii.gz").touch()
+
+
+def test_slice_labels_mean_the_same_in_every_split(tmp_path: Path) -> None:
+    # Train also holds a longer scan; the test split does not. A label must still mean the same slice range.
+    _touch_scan(tmp_path / "keras_slices_train", 1, 6)
+    _touch_scan(tmp_path / "keras_slices_train", 2, 12)
+    _touch_scan(tmp_path / "keras_slices_test", 801, 6)
+
+    def labels(split: str, case: int, **kwargs) -> list[int]:
+        items = datalist(tmp_path, split, num_classes=3, **kwargs)
+        by_slice = {slice_index(i["image"]): i["label"] for i in items if f"case_{case:03d}_" in i["image"]}
+        return [by_slice[z] for z in sorted(by_slice)]
+
+    # Relative to each scan's own slice count: thirds of the scan.
+    assert labels("train", 1) == labels("test", 801) == [0, 0, 1, 1, 2, 2]
+    assert labels("train", 2) == [0] * 4 + [1] * 4 + [2] * 4
+    # A fixed largest slice index, given once, applies to every split alike.
+    assert labels("train", 1, max_slice=11) == labels("test", 801, max_slice=11) == [0, 0, 0, 0, 1, 1]
 
 
 def test_clear_errors(tmp_path: Path) -> None:
@@ -78,19 +121,22 @@ def test_clear_errors(tmp_path: Path) -> None:
         datalist(tmp_path, "training")
 
 
-def test_demo_data_generated_only_for_the_demo_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bundle.data.phantom
+def test_missing_data_is_not_generated_and_the_error_says_how(tmp_path: Path) -> None:
+    missing = tmp_path / "data" / "phantom"
+    with pytest.raises(FileNotFoundError) as error:
+        datalist(missing, "train")
+    message = str(error.value)
+    assert f"dataset_dir '{missing}' does not exist" in message
+    assert f"python scripts/make_phantoms.py --out_dir '{missing}'" in message
+    assert not missing.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="holds no known layout.*scripts/make_phantoms.py"):
+        datalist(tmp_path, "train")
 
-    calls, real_writer = [], bundle.data.phantom.write_hipmri_phantoms
 
-    def fake_writer(root, **kwargs):
-        calls.append(Path(root))
-        real_writer(root, train_cases=1, val_cases=1, test_cases=1, slices_per_case=2)
+def test_demo_phantoms_are_written_where_the_configs_look(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bundle.data.phantom as phantom
 
-    monkeypatch.setattr(bundle.data.phantom, "write_hipmri_phantoms", fake_writer)
-    demo = tmp_path / "demo"
-    assert len(datalist(demo, "train", demo_dir=demo)) == 2
-    assert calls == [demo]
-    with pytest.raises(FileNotFoundError):
-        datalist(tmp_path / "other", "train", demo_dir=demo)
-    assert len(calls) == 1
+    calls = []
+    monkeypatch.setattr(phantom, "write_hipmri_phantoms", lambda out_dir, **kwargs: calls.append((out_dir, kwargs)))
+    assert phantom.write_demo_phantoms(tmp_path) == tmp_path / "data" / "phantom"
+    assert calls == [(tmp_path / "data" / "phantom", {})]  # the writer's defaults: the documented demo set

@@ -86,7 +86,19 @@ def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_fid_identical_is_zero():
     a = torch.randn(100, 8, generator=_gen(0))
+    # The unclamped reference is ~0 too, so the clamp in fid() only removes round-off here.
+    assert _reference_fid(a.double().numpy(), a.double().numpy()) == pytest.approx(0.0, abs=1e-6)
     assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_clamps_only_round_off_below_zero(monkeypatch):
+    import bundle.evaluation.metrics as metrics_module
+
+    a, b = torch.randn(10, 3, generator=_gen(23)), torch.randn(10, 3, generator=_gen(24))
+    monkeypatch.setattr(metrics_module, "get_fid_score", lambda x, y: torch.tensor(-1e-12, dtype=torch.float64))
+    assert fid(a, b) == 0.0
+    monkeypatch.setattr(metrics_module, "get_fid_score", lambda x, y: torch.tensor(0.25, dtype=torch.float64))
+    assert fid(a, b) == 0.25
 
 
 def test_fid_pure_mean_shift_is_squared_shift_and_grows():
@@ -149,7 +161,23 @@ def test_kid_same_distribution_near_zero_and_different_clearly_positive():
     assert diff_mean > 0.3
     assert diff_mean > 20 * abs(same_mean)
     assert diff_mean > 3 * diff_std
-    assert same_std >= 0 and diff_std >= 0
+    assert same_std > 0 and diff_std > 0  # subsets of 50 of 200 rows differ, so their estimates do
+
+
+def test_kid_mean_and_std_are_those_of_the_per_subset_estimates():
+    a = torch.randn(9, 3, generator=_gen(21))
+    b = torch.randn(8, 3, generator=_gen(22)) + 0.4
+    # The documented subset draw, replayed: per subset, randperm of a's rows then of b's, from one seeded generator.
+    generator = torch.Generator().manual_seed(11)
+    estimates = []
+    for _ in range(6):
+        x = a[torch.randperm(9, generator=generator)[:5]]
+        y = b[torch.randperm(8, generator=generator)[:5]]
+        estimates.append(_brute_force_mmd2(x, y))
+    mean, std = kid(a, b, subset_size=5, num_subsets=6, seed=11)
+    assert mean == pytest.approx(float(np.mean(estimates)), rel=1e-9)
+    assert std == pytest.approx(float(np.std(estimates)), rel=1e-9)  # population std (ddof=0)
+    assert std > 0
 
 
 def test_kid_deterministic_for_seed():
@@ -195,9 +223,7 @@ def test_ms_ssim_default_monai_kernel_rejects_256x128():
 def test_ms_ssim_all_pairs_equals_brute_force():
     images = torch.cat([_smooth_images(3, seed=5), torch.rand(2, 1, 256, 128, generator=_gen(6))])
     metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7, reduction="none")
-    pair_values = [
-        float(metric(images[i : i + 1], images[j : j + 1])) for i in range(5) for j in range(i + 1, 5)
-    ]
+    pair_values = [float(metric(images[i : i + 1], images[j : j + 1])) for i in range(5) for j in range(i + 1, 5)]
     assert len(pair_values) == 10
     assert mean_pairwise_ms_ssim(images, max_pairs=10) == pytest.approx(float(np.mean(pair_values)), rel=1e-5)
 
@@ -228,9 +254,7 @@ def test_sample_pairs_distinct_and_ordered(n, max_pairs):
 
 def _brute_force_nearest(samples: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
     metric = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
-    return torch.tensor(
-        [max(float(metric(s[None], r[None])) for r in refs) for s in samples], dtype=torch.float32
-    )
+    return torch.tensor([max(float(metric(s[None], r[None])) for r in refs) for s in samples], dtype=torch.float32)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
@@ -316,6 +340,22 @@ def test_code_histogram_hand_example():
     assert out["js_divergence"] == pytest.approx(0.75 * math.log2(1.5) - 0.25, rel=1e-12)
     assert out["total_variation"] == pytest.approx(0.5, rel=1e-12)
     assert out["used_a"] == 2 and out["used_b"] == 2
+
+
+def test_code_histogram_divergence_matches_its_definition():
+    codes_a = torch.randint(0, 12, (500,), generator=_gen(25))  # codes 12..15 unused by a
+    codes_b = torch.randint(4, 16, (300,), generator=_gen(26))  # codes 0..3 unused by b
+    p = np.bincount(codes_a.numpy(), minlength=16) / 500
+    q = np.bincount(codes_b.numpy(), minlength=16) / 300
+    m = (p + q) / 2
+
+    def kl_bits(x: np.ndarray) -> float:
+        used = x > 0
+        return float(np.sum(x[used] * np.log2(x[used] / m[used])))
+
+    out = code_histogram_distance(codes_a, codes_b, num_embeddings=16)
+    assert out["js_divergence"] == pytest.approx(0.5 * kl_bits(p) + 0.5 * kl_bits(q), rel=1e-9)
+    assert out["total_variation"] == pytest.approx(0.5 * np.abs(p - q).sum(), rel=1e-9)
 
 
 def test_code_histogram_rejects_bad_codes():

@@ -85,6 +85,9 @@ def test_prostate_sits_between_bladder_and_rectum() -> None:
 
 def test_deterministic_and_case_specific() -> None:
     a_img, a_mask = phantom_slice(3, 5, 16, 128, seed=0)
+    phantom_slice(8, 2, 16, 144, seed=0)  # other cases in between must not matter
+    phantom._case_anatomy.cache_clear()
+    phantom._case_fields.cache_clear()
     b_img, b_mask = phantom_slice(3, 5, 16, 128, seed=0)
     assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
     assert not np.allclose(a_img, phantom_slice(4, 5, 16, 128, seed=0)[0])
@@ -112,8 +115,9 @@ def _listing(root: Path) -> dict[str, bytes]:
 
 def test_write_layout_and_files(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    counts = write_hipmri_phantoms(out, train_cases=2, val_cases=1, test_cases=1, slices_per_case=3,
-                                   seed=0, trailing_axis_every=5)
+    counts = write_hipmri_phantoms(
+        out, train_cases=2, val_cases=1, test_cases=1, slices_per_case=3, seed=0, trailing_axis_every=5
+    )
     assert counts == {"train": 6, "validate": 3, "test": 3}
     ids = {}
     n_trailing = 0
@@ -122,10 +126,10 @@ def test_write_layout_and_files(tmp_path: Path) -> None:
         segs = sorted((out / f"keras_slices_seg_{split}").iterdir())
         assert len(images) == len(segs) == counts[split]
         assert all(IMAGE_RE.fullmatch(p.name) for p in images)
-        assert {p.name for p in segs} == {"seg_" + p.name[len("case_"):] for p in images}
+        assert {p.name for p in segs} == {"seg_" + p.name[len("case_") :] for p in images}
         ids[split] = {int(IMAGE_RE.fullmatch(p.name).group(1)) for p in images}
         for img_path in images:
-            seg_path = out / f"keras_slices_seg_{split}" / ("seg_" + img_path.name[len("case_"):])
+            seg_path = out / f"keras_slices_seg_{split}" / ("seg_" + img_path.name[len("case_") :])
             img, seg = nib.load(img_path), nib.load(seg_path)
             data, labels = np.asarray(img.dataobj), np.asarray(seg.dataobj)
             assert data.dtype == np.float32 and labels.dtype == np.uint8
@@ -198,3 +202,29 @@ def test_figure(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = phantom.save_phantom_figure(tmp_path / "fig.png", n=2)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_phantoms_script_defaults_to_the_demo_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_phantoms", root / "scripts" / "make_phantoms.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert Path(script.parse_args([]).out_dir) == root / "data" / "phantom" == phantom.demo_data_dir(root)
+    out = tmp_path / "set"
+    args = [
+        "--out_dir",
+        str(out),
+        "--train_cases",
+        "1",
+        "--val_cases",
+        "1",
+        "--test_cases",
+        "0",
+        "--slices_per_case",
+        "2",
+    ]
+    assert script.main(args) == 0
+    assert "train=2 validate=2 test=0" in capsys.readouterr().out
+    assert json.loads((out / "phantom.json").read_text())["counts"] == {"train": 2, "validate": 2, "test": 0}

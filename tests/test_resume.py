@@ -1,7 +1,9 @@
-"""Kill training with SIGKILL at random moments, re-run the same command, and lose at most one epoch."""
+"""Resuming: the best key-metric score survives a restart, and training killed with SIGKILL at random moments
+finishes when the same command is re-run, losing at most one epoch."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -12,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bundle.engine.checkpoint import latest_checkpoint
 from conftest import ROOT, TINY_NETWORK
+from ignite.engine import Engine, Events
 
-pytestmark = pytest.mark.slow
+from bundle.engine.checkpoint import AtomicCheckpointSaver, latest_checkpoint
 
 KILLS = 4
 EPOCHS, PRIOR_EPOCHS = 16, 8
@@ -32,14 +33,82 @@ def _saved_epoch(directory: Path) -> int:
     return int(re.search(r"=(\d+)\.pt$", path).group(1)) if path else 0
 
 
+def _validate(save_dir: Path, run: int, scores: list[float], resume_best: bool) -> None:
+    """Runs one validation per score; the saved weight is ``10 * run + epoch``, to tell the saves apart."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    saver = AtomicCheckpointSaver(
+        save_dir=str(save_dir),
+        save_dict={"net": net},
+        save_key_metric=True,
+        key_metric_name="val",
+        key_metric_filename="model.pt",
+        resume_best=resume_best,
+    )
+    engine = Engine(lambda engine, batch: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _score(engine: Engine) -> None:  # registered before the saver's handler, so it runs first
+        engine.state.metrics["val"] = scores[engine.state.epoch - 1]
+        net.weight.data.fill_(10 * run + engine.state.epoch)
+
+    saver.attach(engine)
+    engine.run([0], max_epochs=len(scores))
+
+
+def _saved(save_dir: Path) -> tuple[float, float]:
+    """The weight in ``model.pt`` and the best score kept beside it."""
+    weight = float(torch.load(save_dir / "model.pt", weights_only=True)["weight"])
+    return weight, json.loads((save_dir / ".model.pt.best.json").read_text())["priority"]
+
+
+def test_best_score_survives_a_restart(tmp_path: Path) -> None:
+    _validate(tmp_path, 1, [0.5, 0.9, 0.7], resume_best=False)
+    assert _saved(tmp_path) == (12, 0.9)
+    _validate(tmp_path, 2, [0.6, 0.8], resume_best=True)
+    assert _saved(tmp_path) == (12, 0.9), "a worse model replaced the best"
+    _validate(tmp_path, 3, [0.6, 0.95, 0.92], resume_best=True)
+    assert _saved(tmp_path) == (32, 0.95)
+    _validate(tmp_path, 4, [0.1], resume_best=False)  # a fresh start forgets the old best
+    assert _saved(tmp_path) == (41, 0.1)
+
+
+@pytest.mark.slow
 def test_killed_training_resumes_and_finishes(tmp_path: Path, phantom_dir: Path) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-               str(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json"]),
-               "--dataset_dir", str(phantom_dir), "--output_dir", str(out / "outputs"), "--ckpt_dir", str(out / "models"),
-               "--batch_size", "4", "--max_epochs", str(EPOCHS), "--prior_max_epochs", str(PRIOR_EPOCHS), "--prior_batch_size", "4",
-               "--prior_channels", "16", "--prior_layers", "3", "--prior_head_channels", "32",
-               "--prior_sample_interval", "0", "--prior_sample_count", "2", *map(str, TINY_NETWORK)]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json"]),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--output_dir",
+        str(out / "outputs"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--batch_size",
+        "4",
+        "--max_epochs",
+        str(EPOCHS),
+        "--prior_max_epochs",
+        str(PRIOR_EPOCHS),
+        "--prior_batch_size",
+        "4",
+        "--prior_channels",
+        "16",
+        "--prior_layers",
+        "3",
+        "--prior_head_channels",
+        "32",
+        "--prior_sample_interval",
+        "0",
+        "--prior_sample_count",
+        "2",
+        *map(str, TINY_NETWORK),
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     rng = random.Random(1234)
     checkpoints = out / "outputs" / "checkpoints"
@@ -53,7 +122,11 @@ def test_killed_training_resumes_and_finishes(tmp_path: Path, phantom_dir: Path)
             # lot with the machine's load, progress does not. The extra delay lands the kill anywhere in an
             # epoch, a validation or a checkpoint save, in either stage.
             target, deadline = rng.randint(1, 6), time.time() + 180
-            while log_path.read_text().count("Metrics -- val") < target and process.poll() is None and time.time() < deadline:
+            while (
+                log_path.read_text().count("Metrics -- val") < target
+                and process.poll() is None
+                and time.time() < deadline
+            ):
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 0.5))
             process.kill()  # SIGKILL: no handler, no cleanup
@@ -76,6 +149,8 @@ def test_killed_training_resumes_and_finishes(tmp_path: Path, phantom_dir: Path)
     prior = torch.load(latest_checkpoint(checkpoints / "prior"), weights_only=True)
     assert vqvae["trainer"]["iteration"] == EPOCHS * (18 // 4), "the VQ-VAE ran exactly max_epochs epochs in all"
     assert prior["trainer"]["iteration"] == PRIOR_EPOCHS * (18 // 4), "the prior ran exactly prior_max_epochs in all"
-    assert any(h["saved_after"] != h["saved_before"] for h in history[1:]), f"no kill landed while training ran: {history}"
+    assert any(
+        h["saved_after"] != h["saved_before"] for h in history[1:]
+    ), f"no kill landed while training ran: {history}"
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "prior" / "prior.pt").is_file()
     print("kill history:", history)

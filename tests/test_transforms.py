@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from PIL import Image
 
 from bundle.data.transforms import EnsureSlice2D
-from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,10 @@ def test_phantom_files_load(phantom_dir: Path, preprocessing) -> None:
 
 
 def test_constant_and_integer_images_give_no_nan(tmp_path: Path, preprocessing) -> None:
-    for name, array in {"const": np.full((256, 128), 7.0, np.float32), "int": np.arange(256 * 128, dtype=np.int16).reshape(256, 128)}.items():
+    for name, array in {
+        "const": np.full((256, 128), 7.0, np.float32),
+        "int": np.arange(256 * 128, dtype=np.int16).reshape(256, 128),
+    }.items():
         image = preprocessing({"image": _save(tmp_path / f"{name}.nii.gz", array)})["image"]
         assert torch.isfinite(image).all() and image.dtype == torch.float32
 
@@ -108,7 +111,11 @@ def test_data_on_device_caches_on_the_device_and_augments_there(phantom_dir: Pat
     cached = on_device._cache[0]["image"]
     assert cached.device == torch.device("cpu") and cached.shape == (1, 256, 128)
     item = on_device[0]["image"]
-    assert item.shape == (1, 256, 128) and torch.isfinite(item).all() and 0.0 <= float(item.min()) <= float(item.max()) <= 1.0
+    assert (
+        item.shape == (1, 256, 128)
+        and torch.isfinite(item).all()
+        and 0.0 <= float(item.min()) <= float(item.max()) <= 1.0
+    )
     # the CPU path is unchanged: the same cached slice either way
     assert torch.equal(torch.as_tensor(cached), torch.as_tensor(plain._cache[0]["image"]))
 

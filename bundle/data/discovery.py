@@ -5,25 +5,35 @@ Three layouts are understood, chosen by what ``dataset_dir`` holds or by ``layou
 - ``hipmri``: ``keras_slices_{train,validate,test}/case_XXX_week_Y_slice_Z.nii[.gz]`` (masks in
   ``keras_slices_seg_*`` are ignored);
 - ``oasis``: ``keras_png_slices_{train,validate,test}/*.png`` (masks in ``keras_png_slices_seg_*`` are ignored);
-- ``datalist``: a MONAI-style JSON file ``{"training": [...], "validation": [...], "test": [...]}`` given as
-  ``dataset_dir`` itself or found as ``dataset_dir/datalist.json``; relative paths are taken from the JSON's folder.
+- ``datalist``: a MONAI (Medical Segmentation Decathlon) datalist JSON ``{"training": [...], "validation": [...],
+  "test": [...]}`` given as ``dataset_dir`` itself or found as ``dataset_dir/datalist.json``, read with
+  ``monai.data.load_decathlon_datalist``; relative paths are taken from the JSON's folder.
+
+Looking for data never creates any: the demo phantoms are written by ``scripts/make_phantoms.py`` (or
+``bundle.data.phantom.write_demo_phantoms``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from monai.data import load_decathlon_datalist
 
 SPLITS = ("train", "validate", "test")
 DATALIST_KEYS = {"train": "training", "validate": "validation", "test": "test"}
 FOLDERS = {"hipmri": "keras_slices_{split}", "oasis": "keras_png_slices_{split}"}
 EXTENSIONS = {"hipmri": (".nii.gz", ".nii"), "oasis": (".png",)}
 SLICE_PATTERN = re.compile(r"case_(\d+)_week_(\d+)_slice_(\d+)")
+
+
+def _how_to_get_data(path: Path) -> str:
+    return (
+        f"Set --dataset_dir to your data folder, or create the demo phantoms there with "
+        f"`python scripts/make_phantoms.py --out_dir '{path}'` (bash scripts/demo.sh does this too)."
+    )
 
 
 def detect_layout(dataset_dir: str | os.PathLike) -> str:
@@ -41,7 +51,7 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
     """
     path = Path(dataset_dir)
     if not path.exists():
-        raise FileNotFoundError(f"dataset_dir '{path}' does not exist; set --dataset_dir to your data folder.")
+        raise FileNotFoundError(f"dataset_dir '{path}' does not exist. {_how_to_get_data(path)}")
     if path.is_file():
         if path.suffix == ".json":
             return "datalist"
@@ -53,7 +63,7 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
             return layout
     raise ValueError(
         f"dataset_dir '{path}' holds no known layout: expected keras_slices_train/ (HipMRI NIfTI), "
-        "keras_png_slices_train/ (OASIS PNG) or datalist.json."
+        f"keras_png_slices_train/ (OASIS PNG) or datalist.json. {_how_to_get_data(path)}"
     )
 
 
@@ -61,6 +71,12 @@ def slice_index(path: str | os.PathLike) -> int | None:
     """The slice position ``Z`` parsed from a HipMRI name ``case_XXX_week_Y_slice_Z``, or None."""
     match = SLICE_PATTERN.search(Path(path).name)
     return int(match.group(3)) if match else None
+
+
+def _volume_key(path: str | os.PathLike) -> tuple[str, str, str] | None:
+    """(folder, case, week) of a HipMRI slice name: the slices of one scan share it. None for other names."""
+    match = SLICE_PATTERN.search(Path(path).name)
+    return (str(Path(path).parent), match.group(1), match.group(2)) if match else None
 
 
 def _is_image_file(name: str, layout: str) -> bool:
@@ -78,31 +94,24 @@ def _folder_datalist(root: Path, layout: str, split: str) -> list[dict]:
 
 def _json_datalist(path: Path, split: str) -> list[dict]:
     json_path = path / "datalist.json" if path.is_dir() else path
+    key = DATALIST_KEYS[split]
     try:
-        content = json.loads(json_path.read_text())
+        # is_segmentation=False: a "label" is a class index here, not a file to resolve against the JSON's folder.
+        items = load_decathlon_datalist(json_path, is_segmentation=False, data_list_key=key)
     except json.JSONDecodeError as error:
         raise ValueError(f"datalist '{json_path}' is not valid JSON: {error}") from error
-    key = DATALIST_KEYS[split]
-    if key not in content:
-        raise ValueError(f"datalist '{json_path}' has no '{key}' list (split '{split}').")
-    items = []
-    for index, item in enumerate(content[key]):
-        item = {"image": item} if isinstance(item, str) else dict(item)
+    except IndexError:  # MONAI reads test[0] to detect a list of bare paths before checking that it is non-empty
+        return []
+    except TypeError as error:  # a bare path outside "test"
+        raise ValueError(f"datalist '{json_path}' list '{key}': {error}") from error
+    for index, item in enumerate(items):
         if "image" not in item:
             raise ValueError(f"datalist '{json_path}' entry {key}[{index}] has no 'image'.")
-        image = Path(item["image"])
-        item["image"] = str(image if image.is_absolute() else json_path.parent / image)
-        items.append(item)
     return items
 
 
 def datalist(
-    dataset_dir: str | os.PathLike,
-    split: str,
-    layout: str = "auto",
-    demo_dir: str | os.PathLike | None = None,
-    num_classes: int = 0,
-    max_slice: int = 0,
+    dataset_dir: str | os.PathLike, split: str, layout: str = "auto", num_classes: int = 0, max_slice: int = 0
 ) -> list[dict]:
     """Lists the images of one split.
 
@@ -110,14 +119,14 @@ def datalist(
         dataset_dir: the data folder (or datalist JSON).
         split: ``"train"``, ``"validate"`` or ``"test"``.
         layout: ``"auto"`` (detect), ``"hipmri"``, ``"oasis"`` or ``"datalist"``.
-        demo_dir: the bundle's demo-data folder. When ``dataset_dir`` is this folder and does not exist yet,
-            the synthetic pelvis phantoms are generated there first, so a fresh clone runs with no data.
         num_classes: when > 0, each item gets an integer ``label`` in ``[0, num_classes)``: the datalist's own
-            ``label`` if it has one, else the HipMRI slice position bucketed over ``[0, max_slice]``.
-        max_slice: the largest slice position, for bucketing; 0 takes the largest one found in this split.
+            ``label`` if it has one, else its slice position bucketed by :func:`slice_position_label`.
+        max_slice: the largest slice position of every scan, the same for all splits; 0 buckets each slice by its
+            position relative to its own scan's largest slice index.
 
     Returns:
-        A list of dicts with key ``image`` (and ``label`` when ``num_classes`` > 0), sorted by path.
+        A list of dicts with key ``image`` (and ``label`` when ``num_classes`` > 0), sorted by path for the folder
+        layouts and in file order for a datalist JSON.
 
     Raises:
         FileNotFoundError: the folder or split is missing.
@@ -126,11 +135,6 @@ def datalist(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
     root = Path(dataset_dir)
-    if demo_dir is not None and not root.exists() and root.resolve() == Path(demo_dir).resolve():
-        from bundle.data.phantom import write_hipmri_phantoms
-
-        logger.info(f"Demo data not found; generating synthetic pelvis phantoms in '{root}'.")
-        write_hipmri_phantoms(root)
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in (*FOLDERS, "datalist"):
         raise ValueError(f"layout must be 'auto', 'hipmri', 'oasis' or 'datalist', got '{layout}'.")
@@ -142,16 +146,38 @@ def datalist(
     return items
 
 
+def slice_position_label(position: int, top: int, num_classes: int) -> int:
+    """The class of slice ``position`` of a scan whose slices run from 0 to ``top``: ``[0, top]`` cut into
+    ``num_classes`` equal buckets, 0 the most inferior.
+
+    Args:
+        position: slice index, ``0 <= position <= top``.
+        top: the scan's largest slice index (or a fixed one for all scans).
+        num_classes: number of buckets, >= 1.
+
+    Returns:
+        The bucket index in ``[0, num_classes)``.
+    """
+    return min(num_classes - 1, position * num_classes // (top + 1))
+
+
 def _add_labels(items: list[dict], num_classes: int, max_slice: int) -> None:
-    positions = [slice_index(item["image"]) for item in items]
-    top = max_slice or max((p for p in positions if p is not None), default=0)
-    for item, position in zip(items, positions):
+    tops: dict[tuple[str, str, str], int] = {}
+    for item in items:
+        key = _volume_key(item["image"])
+        if key is not None:
+            tops[key] = max(tops.get(key, 0), slice_index(item["image"]))
+    for item in items:
+        position = slice_index(item["image"])
         if "label" in item:
             item["label"] = int(item["label"])
         elif position is not None:
-            item["label"] = min(num_classes - 1, position * num_classes // (top + 1))
+            top = max_slice or tops[_volume_key(item["image"])]
+            item["label"] = slice_position_label(position, top, num_classes)
         else:
-            raise ValueError(f"cannot label '{item['image']}': no 'label' in the datalist and no '_slice_Z' in its name.")
+            raise ValueError(
+                f"cannot label '{item['image']}': no 'label' in the datalist and no '_slice_Z' in its name."
+            )
         if not 0 <= item["label"] < num_classes:
             raise ValueError(f"label {item['label']} of '{item['image']}' is outside [0, {num_classes}).")
 
@@ -159,5 +185,8 @@ def _add_labels(items: list[dict], num_classes: int, max_slice: int) -> None:
 def require_files(items: list[dict], source: str | os.PathLike) -> list[dict]:
     """Raises a clear error when a file listing came back empty; returns ``items`` unchanged otherwise."""
     if not items:
-        raise ValueError(f"no NIfTI images (*.nii, *.nii.gz) found in '{source}'.")
+        raise ValueError(
+            f"no NIfTI images (*.nii, *.nii.gz) found in '{source}'. For the demo phantoms, run "
+            "`python scripts/make_phantoms.py`."
+        )
     return items

@@ -96,12 +96,15 @@ class SafeLoadImaged(LoadImaged):
     thousands of files is broken. Arguments are those of :class:`monai.transforms.LoadImaged`.
     """
 
-    def __call__(self, data, reader=None):
+    def __call__(self, data: Mapping[Hashable, object], reader: object | None = None) -> dict[Hashable, object]:
+        """Loads like ``LoadImaged``; a read error is re-raised as a ValueError naming the file(s)."""
         try:
             return super().__call__(data, reader)
         except Exception as error:
             paths = [str(data.get(key)) for key in self.keys if key in data]
-            raise ValueError(f"cannot read {', '.join(repr(p) for p in paths)}: {type(error).__name__}: {error}") from error
+            raise ValueError(
+                f"cannot read {', '.join(repr(p) for p in paths)}: {type(error).__name__}: {error}"
+            ) from error
 
 
 def to_device_when_cached(

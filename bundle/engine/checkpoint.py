@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 
 import ignite.distributed as idist
 from ignite.engine import Engine
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from bundle.engine.io import atomic_write_json
+
 
 def _numbered_checkpoints(directory: str | os.PathLike, prefix: str) -> list[tuple[int, str]]:
     pattern = re.compile(rf"{re.escape(prefix)}_(?:epoch|iteration)=(\d+)\.pt$")
@@ -79,8 +80,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     survives a restart.
 
     Ignite's ``Checkpoint`` only remembers the scores of the process that saved them, so after a resume the first
-    validation, however poor, would replace the best model. The best score is kept beside the file
-    (``.<key_metric_filename>.best.json``) and reloaded when ``resume_best`` is true (a resumed run).
+    validation, however poor, would replace the best model. The best ``(priority, filename)`` of the key-metric
+    checkpoint's ``state_dict()`` is kept beside the file (``.<key_metric_filename>.best.json``) and given back to
+    it with ``load_state_dict()`` when ``resume_best`` is true (a resumed run).
 
     Args:
         resume_best: reload the best score saved beside the key-metric file.
@@ -99,13 +101,16 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if resume_best and os.path.isfile(self._best_path) and os.path.isfile(os.path.join(self.save_dir, name)):
                 with open(self._best_path) as f:
                     best = json.load(f)
-                self._key_metric_checkpoint._saved = [Checkpoint.Item(best["priority"], best["filename"])]
+                self._key_metric_checkpoint.load_state_dict({"_saved": [(best["priority"], best["filename"])]})
 
     def metrics_completed(self, engine: Engine) -> None:
         super().metrics_completed(engine)
-        saved = self._key_metric_checkpoint._saved if self._key_metric_checkpoint is not None else []
-        if saved and idist.get_rank() == 0:  # ignite saves on rank 0 only
-            atomic_write_json(self._best_path, {"priority": float(saved[-1].priority), "filename": saved[-1].filename})
+        if self._key_metric_checkpoint is None or idist.get_rank() != 0:  # ignite saves on rank 0 only
+            return
+        saved = self._key_metric_checkpoint.state_dict()["_saved"]  # (priority, filename) pairs, best last
+        if saved:
+            priority, filename = saved[-1]
+            atomic_write_json(self._best_path, {"priority": float(priority), "filename": filename})
 
 
 class EngineCheckpointSaver(AtomicCheckpointSaver):

@@ -21,10 +21,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import ROOT, TINY_NETWORK
+from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 
 WORLD_SIZE = 2
-TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "3", "--prior_head_channels", "32"]
 
 # Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in train.json).
 RANK0_ONLY = {

@@ -11,11 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NETWORK, run_bundle
+from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
 
 pytestmark = pytest.mark.slow
 
-TINY_PRIOR = ["--prior_channels", 16, "--prior_layers", 3, "--prior_head_channels", 32]
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import ROOT, TINY_NETWORK
+from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 
-TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "3", "--prior_head_channels", "32"]
 REQUIRED_METADATA = [
     "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
     "task", "description", "authors", "copyright", "network_data_format",

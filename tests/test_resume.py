@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_NETWORK
+from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 from ignite.engine import Engine, Events
 
 from bundle.engine.checkpoint import AtomicCheckpointSaver, latest_checkpoint
@@ -97,12 +97,7 @@ def test_killed_training_resumes_and_finishes(tmp_path: Path, phantom_dir: Path)
         str(PRIOR_EPOCHS),
         "--prior_batch_size",
         "4",
-        "--prior_channels",
-        "16",
-        "--prior_layers",
-        "3",
-        "--prior_head_channels",
-        "32",
+        *TINY_PRIOR,
         "--prior_sample_interval",
         "0",
         "--prior_sample_count",

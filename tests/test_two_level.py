@@ -14,7 +14,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from bundle.engine.inferers import AutocastInferer
 from bundle.stage2_prior.codes import CodeDataset
 from bundle.stage2_prior.export import BottomPriorLogits, TopPriorLogits
-from bundle.stage2_prior.generation import nll_bits_per_code
+from bundle.evaluation.generation_report import nll_bits_per_code
 from bundle.stage2_prior.sampling import level_generators, sample_codes, sample_fast, sample_naive
 from bundle.stage2_prior.two_level import NLLBits, TwoLevelCrossEntropy, TwoLevelPrior, prepare_code_batch
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from ignite.engine import Engine
 from two_level_stand_in import TinyTwoLevelVQVAE
 
+from bundle.stage1_vqvae.vqvae2 import VQVAE2
 from bundle.stage2_prior.codes import encode_dataset
-from bundle.stage2_prior.generation import generate, generation_report, nll_bits_per_code, save_samples
+from bundle.evaluation.generation_report import _realism_report, generation_report, nll_bits_per_code, vqvae2_feature_maps
+from bundle.stage2_prior.generation import generate, save_samples
 from bundle.stage2_prior.sample_grid import SampleGridWriter
 from bundle.stage2_prior.sampling import sample_codes
 from bundle.stage2_prior.two_level import TwoLevelPrior
@@ -101,15 +103,18 @@ def test_nll_bits_per_code_per_level() -> None:
 
 
 def test_generation_report(tmp_path: Path) -> None:
-    # 128 x 128 images: MS-SSIM needs sides of at least 112; the tiny top prior does not cover 16 x 16
-    vqvae, prior = make_pair(latent_shapes=None)
-    shapes = ((16, 16), (32, 32))
-    train, test = _Images(6, (128, 128), seed=1), _Images(5, (128, 128), seed=2)
+    # 128 x 128 images: MS-SSIM needs sides of at least 112; a real tiny VQ-VAE-2 gives the encoder features
+    torch.manual_seed(0)
+    vqvae = VQVAE2(channels=(8, 16), num_res_channels=8, embedding_dim=8, num_embeddings=(6, 10), return_loss=False)
+    vqvae = vqvae.eval()
+    _, prior = make_pair(latent_shapes=None)
+    shapes = vqvae.latent_shapes((128, 128))
+    train, test = _Images(10, (128, 128), seed=1), _Images(8, (128, 128), seed=2)
     torch.save(vqvae.state_dict(), tmp_path / "model.pt")
     test_codes = encode_dataset(vqvae, test, tmp_path / "test.pt", tmp_path / "model.pt", "cpu")
-    report = generation_report(vqvae, prior, train, test, test_codes, tmp_path, num_samples=4, latent_shapes=shapes)
+    report = generation_report(vqvae, prior, train, test, test_codes, tmp_path, num_samples=8, latent_shapes=shapes)
     assert report == json.loads((tmp_path / "generation_metrics.json").read_text())
-    assert report["num_samples"] == 4
+    assert report["num_samples"] == 8
     top, bottom = nll_bits_per_code(prior, test_codes["top"], test_codes["bottom"])
     assert (report["nll_bits_top"], report["nll_bits_bottom"]) == (top, bottom)
     assert report["nll_bits_image"] == pytest.approx(top * 16 * 16 + bottom * 32 * 32)
@@ -117,11 +122,36 @@ def test_generation_report(tmp_path: Path) -> None:
         assert math.isfinite(report[key]), key
     for key in ("diversity_ms_ssim", "memorisation_ssim_mean", "memorisation_ssim_max"):
         assert -1.0 <= report[key] <= 1.0, key
-    _, sampled_top, _ = generate(vqvae, prior, 4, seed=0, latent_shapes=shapes)
+    _, sampled_top, _ = generate(vqvae, prior, 8, seed=0, latent_shapes=shapes)
     assert report["code_histogram_top"]["used_a"] == sampled_top.unique().numel()
     assert report["code_histogram_bottom"]["used_b"] == test_codes["bottom"].unique().numel()
     assert 0.0 <= report["code_histogram_bottom"]["js_divergence"] <= 1.0
+    # realism: 4 test slices per class, so the accuracy is a multiple of 1/8; precision/recall are fractions
+    for name in ("", "_real_baseline"):
+        assert report[f"c2st_accuracy{name}"] * 8 == pytest.approx(round(report[f"c2st_accuracy{name}"] * 8))
+        for key in ("precision", "recall", "coverage"):
+            assert 0.0 <= report[f"{key}{name}"] <= 1.0, key + name
+    assert report["c2st_test_slices_per_class"] == 4
     assert (tmp_path / "samples_vs_real.png").is_file()
+
+
+def test_realism_report_separates_unlike_sets_and_matches_like_ones() -> None:
+    """Samples that are the test slices themselves score like real data; pure noise is told apart and has no
+    precision."""
+    torch.manual_seed(0)
+    vqvae = VQVAE2(channels=(8, 16), num_res_channels=8, embedding_dim=8, num_embeddings=(6, 10), return_loss=False)
+    vqvae = vqvae.eval()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 32), indexing="ij")
+    centres = torch.rand(24, 2, generator=torch.Generator().manual_seed(3)) * 0.6 - 0.3
+    blobs = torch.stack([torch.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / 0.1) for c in centres])[:, None]
+    real_test, real_train = blobs[:12], blobs[12:]
+    noise = torch.rand(12, 1, 64, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        like = _realism_report(real_test, real_test, real_train, vqvae2_feature_maps(vqvae), torch.device("cpu"), 0)
+        unlike = _realism_report(noise, real_test, real_train, vqvae2_feature_maps(vqvae), torch.device("cpu"), 0)
+    assert like["precision"] == 1.0 and like["recall"] == 1.0  # the same points: every ball holds its centre
+    assert unlike["c2st_accuracy"] >= 0.9 and unlike["precision"] == 0.0
+    assert like["c2st_accuracy_real_baseline"] == unlike["c2st_accuracy_real_baseline"]
 
 
 def test_save_samples_and_grid_writer(tmp_path: Path) -> None:

@@ -112,7 +112,8 @@ def _fit_classifier(
     learning_rate: float,
     generator: torch.Generator,
 ) -> None:
-    """Train ``network`` in place with Adam on the binary cross-entropy of its logits.
+    """Train ``network`` in place with Adam on the binary cross-entropy of its logits (also when called under
+    ``torch.no_grad``, as an evaluation report is).
 
     Args:
         network: module mapping ``[B, C, H, W]`` to logits ``[B, 1]``.
@@ -125,6 +126,21 @@ def _fit_classifier(
     """
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
     network.train()
+    with torch.enable_grad():
+        _fit_epochs(network, optimizer, inputs, labels, epochs, batch_size, generator)
+    network.eval()
+
+
+def _fit_epochs(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    labels: Tensor,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    """The minibatch loop of :func:`_fit_classifier`."""
     for _ in range(epochs):
         order = torch.randperm(inputs.shape[0], generator=generator).to(inputs.device)
         for start in range(0, inputs.shape[0], batch_size):
@@ -133,7 +149,6 @@ def _fit_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    network.eval()
 
 
 def classifier_two_sample_test(

@@ -75,7 +75,7 @@ class GenerateInfer(BasicInferTask):
         self.overrides = dict(overrides or {})
         parser = inference_config(bundle_dir, self.overrides)
         self.image_size = tuple(int(s) for s in parser.get_parsed_content("image_size"))
-        self.latent_shape = tuple(int(s) for s in parser.get_parsed_content("latent_shape"))
+        self.latent_shapes = tuple(tuple(int(s) for s in shape) for shape in parser.get_parsed_content("latent_shapes"))
         self.num_classes = int(parser.get_parsed_content("num_classes"))
         self.vqvae_path = parser.get_parsed_content("ckpt_path")
         self.prior_path = parser.get_parsed_content("prior_ckpt_path")
@@ -88,7 +88,7 @@ class GenerateInfer(BasicInferTask):
             type=InferType.OTHERS,
             labels=None,
             dimension=2,
-            description=f"A new {self.image_size[0]}x{self.image_size[1]} slice from the PixelCNN prior "
+            description=f"A new {self.image_size[0]}x{self.image_size[1]} slice from the two-level PixelCNN prior "
             "(the image gives only the output's size and affine)",
             config=config,
             load_strict=True,
@@ -131,8 +131,8 @@ class GenerateInfer(BasicInferTask):
         if self.num_classes and label >= self.num_classes:
             raise RequestError(422, f"label must be below the prior's {self.num_classes} classes, got {label}")
         vqvae, prior = self._load_networks(device)
-        images, _ = bundle.stage2_prior.generation.generate(
-            vqvae, prior, 1, self.latent_shape, temperature, seed, label
+        images, _, _ = bundle.stage2_prior.generation.generate(
+            vqvae, prior, 1, temperature, seed, label, latent_shapes=self.latent_shapes
         )
         size = tuple(data["image"].shape[1:])  # the request image, channel first and 2D after EnsureSlice2Dd
         image = images[0] if size == self.image_size else ResizeWithPadOrCrop(spatial_size=size)(images[0])

@@ -140,3 +140,30 @@ def test_demo_phantoms_are_written_where_the_configs_look(tmp_path: Path, monkey
     monkeypatch.setattr(phantom, "write_hipmri_phantoms", lambda out_dir, **kwargs: calls.append((out_dir, kwargs)))
     assert phantom.write_demo_phantoms(tmp_path) == tmp_path / "data" / "phantom"
     assert calls == [(tmp_path / "data" / "phantom", {})]  # the writer's defaults: the documented demo set
+
+
+def test_a_split_smaller_than_one_batch_is_refused_before_training() -> None:
+    from bundle.data.discovery import require_batches
+
+    with pytest.raises(ValueError) as error:
+        require_batches("train", 12, 16)
+    message = str(error.value)
+    assert "split 'train'" in message and "12 images" in message and "batch_size 16" in message
+    assert require_batches("train", 18, 4) == 4
+    assert require_batches("validate", 12, 16, drop_last=False) == 1  # a validation loader keeps the last batch
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        require_batches("train", 12, 0)
+
+
+def test_inputs_that_would_share_an_output_file_are_refused(tmp_path: Path) -> None:
+    from bundle.data.discovery import require_distinct_outputs
+
+    items = [{"image": str(tmp_path / name)} for name in ("a.nii", "a.nii.gz", "x/b.nii.gz", "y/b.nii.gz", "c.nii")]
+    with pytest.raises(ValueError) as error:
+        require_distinct_outputs(items, tmp_path / "out")
+    message = str(error.value)
+    assert "2 output file(s)" in message
+    assert f"'{tmp_path / 'a.nii'}' and '{tmp_path / 'a.nii.gz'}' -> '{tmp_path / 'out' / 'a_recon.nii.gz'}'" in message
+    assert str(tmp_path / "x" / "b.nii.gz") in message and "c.nii" not in message
+    distinct = [items[0], items[2], items[4]]
+    assert require_distinct_outputs(distinct, tmp_path / "out") is distinct

@@ -4,6 +4,7 @@ finishes when the same command is re-run, losing at most one epoch."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -17,7 +18,7 @@ import torch
 from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 from ignite.engine import Engine, Events
 
-from bundle.engine.checkpoint import AtomicCheckpointSaver, latest_checkpoint
+from bundle.engine.checkpoint import AtomicCheckpointSaver, EngineCheckpointLoader, EngineCheckpointSaver, latest_checkpoint
 
 KILLS = 4
 EPOCHS, PRIOR_EPOCHS = 16, 8
@@ -70,6 +71,74 @@ def test_best_score_survives_a_restart(tmp_path: Path) -> None:
     assert _saved(tmp_path) == (32, 0.95)
     _validate(tmp_path, 4, [0.1], resume_best=False)  # a fresh start forgets the old best
     assert _saved(tmp_path) == (41, 0.1)
+
+
+def _train(directory: Path, learning_rate: float, batch_size: int, max_epochs: int, resume: bool) -> list[tuple]:
+    """Trains a linear model on 16 samples; returns ``(epoch, iteration, lr)`` of every iteration run."""
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    network = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=1e-4 if resume else 0.0)
+    data = [{"image": torch.randn(2), "label": torch.randn(1)} for _ in range(16)]
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, drop_last=True)
+    objects = {"model": network, "optimizer": optimizer}
+    handlers = [EngineCheckpointSaver(save_dir=str(directory), save_dict=objects, save_interval=1, n_saved=1,
+                                      epoch_level=True)]
+    if resume:
+        handlers.insert(0, EngineCheckpointLoader(load_path=latest_checkpoint(directory), load_dict=dict(objects)))
+    trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=network,
+                                optimizer=optimizer, loss_function=torch.nn.MSELoss(), train_handlers=handlers)
+    seen = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.append((e.state.epoch, e.state.iteration, *(optimizer.param_groups[0][k] for k in ("lr", "weight_decay")))),
+    )
+    trainer.run()
+    return seen
+
+
+def test_a_resume_runs_with_the_configured_learning_rate_and_batch_size(tmp_path: Path, caplog) -> None:
+    first = _train(tmp_path, 3e-4, batch_size=4, max_epochs=2, resume=False)
+    assert first[-1] == (2, 8, 3e-4, 0.0)
+    with caplog.at_level(logging.WARNING):
+        resumed = _train(tmp_path, 0.1, batch_size=2, max_epochs=3, resume=True)
+    # epoch 3 only, with 16 / 2 = 8 iterations, the new learning rate and weight decay
+    assert resumed == [(3, 16 + i, 0.1, 1e-4) for i in range(1, 9)]
+    for change in ("optimizer lr 0.0003 -> 0.1", "optimizer weight_decay 0.0 -> 0.0001",
+                   "iterations per epoch 4 -> 8 (batch size or data changed): continuing after epoch 2 at iteration 16"):
+        assert change in caplog.text
+    saved = torch.load(latest_checkpoint(tmp_path), weights_only=True)
+    assert saved["trainer"]["epoch_length"] == 8 and saved["trainer"]["iteration"] == 24
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_a_resume_with_unchanged_settings_changes_nothing(tmp_path: Path, caplog) -> None:
+    _train(tmp_path, 3e-4, batch_size=4, max_epochs=1, resume=False)
+    with caplog.at_level(logging.WARNING):
+        resumed = _train(tmp_path, 3e-4, batch_size=4, max_epochs=2, resume=True)
+    assert [step[:3] for step in resumed] == [(2, 4 + i, 3e-4) for i in range(1, 5)]
+    assert "optimizer lr" not in caplog.text and "iterations per epoch" not in caplog.text
+
+
+def test_the_run_record_of_a_resume_names_the_checkpoint_and_keeps_earlier_runs(tmp_path: Path) -> None:
+    from bundle.engine.run_record import record_run
+
+    files = str(["configs/inference.json", "configs/train_vqvae.json"])
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        record_run(tmp_path, ["run", "training", "--config_file", files, "--learning_rate", "0.0003"])
+        record_run(tmp_path, ["run", "training", "--config_file", files, "--learning_rate", "0.1"],
+                   resumed_from=str(tmp_path / "checkpoint_epoch=2.pt"))
+        second = json.loads((tmp_path / "run_config.json").read_text())
+        record_run(tmp_path, ["run", "training", "--config_file", files], resumed_from={"vqvae": "", "prior": ""})
+        fresh = json.loads((tmp_path / "run_config.json").read_text())
+    finally:
+        os.chdir(cwd)
+    assert second["config"]["learning_rate"] == 0.1 and second["resumed_from"].endswith("checkpoint_epoch=2.pt")
+    assert [run["config"]["learning_rate"] for run in second["earlier_runs"]] == [0.0003]
+    assert fresh["resumed_from"] is None and "earlier_runs" not in fresh
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def test_bad_channel_count_is_refused() -> None:
 
 def _train_dataset(phantom_dir: Path, tmp_path: Path, **overrides):
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.read_config([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "train_vqvae.json")])
     parser.update({"bundle_root": str(ROOT), "dataset_dir": str(phantom_dir), "output_dir": str(tmp_path), **overrides})
     return parser.get_parsed_content("train::dataset")
 
@@ -126,3 +126,82 @@ def test_data_on_a_gpu_refuses_worker_processes() -> None:
     with pytest.raises(ValueError, match="set num_workers to 0"):
         to_device_when_cached("image", "cuda:0", True, 2)
     assert to_device_when_cached("image", "cuda:0", False, 2) == []
+
+
+def _load(path: str) -> torch.Tensor:
+    from monai.transforms import LoadImage
+
+    return LoadImage(image_only=True, ensure_channel_first=True)(path)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((256, 128, 1, 3), "4D array of shape (256, 128, 1, 3)"), ((1, 1, 256, 128), "4D array of shape (1, 1, 256, 128)"),
+     ((256, 128, 1, 1, 2), "5D array of shape (256, 128, 1, 1, 2)")],
+)
+def test_nifti_with_more_than_three_axes_is_refused_with_its_shape(tmp_path: Path, shape, expected) -> None:
+    path = _save(tmp_path / "frames.nii.gz", np.ones(shape, np.float32))
+    with pytest.raises(ValueError) as error:
+        EnsureSlice2D()(_load(path))
+    assert path in str(error.value) and expected in str(error.value)
+
+
+def test_a_slice_with_many_singleton_axes_is_accepted(tmp_path: Path) -> None:
+    array = np.arange(256 * 128, dtype=np.float32).reshape(256, 128)
+    image = EnsureSlice2D()(_load(_save(tmp_path / "s.nii.gz", array.reshape(256, 128, 1, 1, 1, 1))))
+    assert tuple(image.shape) == (1, 256, 128) and torch.equal(image[0], torch.from_numpy(array))
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_nifti_is_refused(tmp_path: Path, dtype) -> None:
+    path = _save(tmp_path / "c.nii.gz", (np.ones((16, 8)) + 1j).astype(dtype))
+    with pytest.raises(ValueError, match=r"c\.nii\.gz' holds complex pixels"):
+        EnsureSlice2D()(_load(path))
+
+
+@pytest.mark.parametrize("tensor, kind", [(torch.ones(1, 8, 8, dtype=torch.complex64), "complex"),
+                                          (torch.ones(1, 8, 8, dtype=torch.bool), "boolean")])
+def test_complex_and_boolean_tensors_are_refused(tensor: torch.Tensor, kind: str) -> None:
+    with pytest.raises(ValueError, match=f"holds {kind}"):
+        EnsureSlice2D()(tensor)
+
+
+def test_one_bit_and_palette_pngs_are_refused_grey_alpha_is_grey(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((40, 30), bool)).save(tmp_path / "mask.png")
+    Image.fromarray(np.full((40, 30), 9, np.uint8)).convert("P").save(tmp_path / "palette.png")
+    with pytest.raises(ValueError, match="mask.png' holds 1-bit"):
+        EnsureSlice2D()(_load(str(tmp_path / "mask.png")))
+    with pytest.raises(ValueError, match="palette.png' holds palette"):
+        EnsureSlice2D()(_load(str(tmp_path / "palette.png")))
+    grey_alpha = np.stack([np.full((40, 30), 70, np.uint8), np.full((40, 30), 255, np.uint8)], axis=-1)
+    Image.fromarray(grey_alpha, "LA").save(tmp_path / "la.png")
+    image = EnsureSlice2D()(_load(str(tmp_path / "la.png")))
+    assert image.shape[0] == 1 and torch.all(image == 70)
+
+
+def test_values_beyond_float32_are_refused_not_zeroed(tmp_path: Path) -> None:
+    path = _save(tmp_path / "f64.nii.gz", np.full((16, 8), 1e300))
+    with pytest.raises(ValueError, match=r"f64\.nii\.gz' has no finite voxel"):
+        EnsureSlice2D()(_load(path))
+
+
+def test_intensities_spanning_more_than_float32_are_refused_before_scaling_gives_nan(tmp_path: Path, preprocessing):
+    array = ((np.random.default_rng(0).random((256, 128)) - 0.5) * 6.6e38).astype(np.float32)
+    assert np.isfinite(array).all()
+    with pytest.raises(RuntimeError) as info:
+        preprocessing({"image": _save(tmp_path / "huge.nii.gz", array)})
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "huge.nii.gz' has intensities from -3.3e+38 to 3.3e+38" in str(info.value.__cause__)
+
+
+def test_a_non_finite_result_is_an_error_naming_the_input() -> None:
+    from bundle.data.transforms import RequireFinited
+
+    source = MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": "/data/case_7.nii.gz"})
+    good = {"image": source, "pred": torch.ones(1, 4, 4)}
+    assert RequireFinited("pred")(good)["pred"] is good["pred"]
+    pred = torch.ones(1, 4, 4)
+    pred[0, 0, :3] = float("nan")
+    pred[0, 1, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"the pred of '/data/case_7.nii.gz' has 4 of 16 values NaN or Inf"):
+        RequireFinited("pred")({"image": source, "pred": pred})

@@ -190,3 +190,77 @@ def require_files(items: list[dict], source: str | os.PathLike) -> list[dict]:
             "`python scripts/make_phantoms.py`."
         )
     return items
+
+
+def require_batches(split: str, num_items: int, batch_size: int, drop_last: bool = True) -> int:
+    """The number of batches a training split gives each process; an error when it gives none.
+
+    With ``drop_last`` a split smaller than one batch yields no batch at all, and MONAI's trainer then skips the
+    run, exits 0 and writes no weights. The split is divided among the processes of a distributed run
+    (``DistributedSampler`` pads every process to the same share).
+
+    Args:
+        split: the split's name for the message, e.g. ``"train"``.
+        num_items: images (or code maps) in the split.
+        batch_size: the training batch size.
+        drop_last: whether the loader drops an incomplete last batch.
+
+    Returns:
+        Batches per epoch on each process.
+
+    Raises:
+        ValueError: the split gives no batch; names the split, its size and the batch size.
+    """
+    import ignite.distributed as idist
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    world = idist.get_world_size()
+    share = -(-num_items // world)
+    batches = share // batch_size if drop_last else -(-share // batch_size)
+    if batches == 0:
+        per_process = f" ({share} per process on {world} processes)" if world > 1 else ""
+        raise ValueError(
+            f"split '{split}' has {num_items} images{per_process}, fewer than batch_size {batch_size}, and the "
+            f"incomplete batch is dropped: training would run no iteration. Lower the batch size to at most "
+            f"{max(share, 1)} or add data."
+        )
+    return batches
+
+
+def require_distinct_outputs(
+    items: list[dict], output_dir: str | os.PathLike, postfix: str = "recon", extension: str = ".nii.gz",
+    key: str = "image",
+) -> list[dict]:
+    """Raises when two inputs would be written to the same output file; returns ``items`` unchanged otherwise.
+
+    MONAI's ``SaveImage`` names an output after its input without folder or extension, so ``a.nii`` and
+    ``a.nii.gz``, or ``x/a.nii.gz`` and ``y/a.nii.gz``, would overwrite each other's result.
+
+    Args:
+        items: the datalist.
+        output_dir: the writer's ``output_dir``.
+        postfix: the writer's ``output_postfix``.
+        extension: the writer's ``output_ext``.
+        key: the input image key.
+
+    Returns:
+        ``items``.
+
+    Raises:
+        ValueError: names each output and the inputs that collide on it.
+    """
+    from monai.data import FolderLayout
+
+    layout = FolderLayout(output_dir=output_dir, postfix=postfix, extension=extension, parent=False, makedirs=False)
+    by_output: dict[str, list[str]] = {}
+    for item in items:
+        by_output.setdefault(str(layout.filename(subject=str(item[key]))), []).append(str(item[key]))
+    collisions = {output: inputs for output, inputs in by_output.items() if len(inputs) > 1}
+    if collisions:
+        listing = "; ".join(f"{' and '.join(repr(i) for i in inputs)} -> '{out}'" for out, inputs in collisions.items())
+        raise ValueError(
+            f"{len(collisions)} output file(s) would be written by more than one input, each overwriting the "
+            f"other: {listing}. Rename or separate those inputs."
+        )
+    return items

@@ -3,18 +3,25 @@ the discovery and pruning of numbered checkpoints."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import ignite.distributed as idist
+import torch
 from ignite.engine import Engine
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from bundle.engine.io import atomic_write_json
+from bundle.engine.io import atomic_write_bytes, atomic_write_json, remove_temporaries
+from bundle.engine.weights import WeightsFileError, read_weights_file
+
+logger = logging.getLogger(__name__)
 
 
 def _numbered_checkpoints(directory: str | os.PathLike, prefix: str) -> list[tuple[int, str]]:
@@ -37,6 +44,42 @@ def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") 
     return found[-1][1] if found else ""
 
 
+def resume_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """Path of the newest numbered checkpoint in ``directory`` that loads, or ``""`` when there is none.
+
+    A checkpoint that cannot be read (truncated, emptied by a full disk) is skipped with a warning that names it,
+    and the next older one is tried.
+
+    Args:
+        directory: the checkpoint folder.
+        prefix: the checkpoints' file name prefix.
+
+    Returns:
+        The path to resume from, or ``""`` for a fresh start.
+
+    Raises:
+        WeightsFileError: checkpoints exist but none loads; names each file and its problem.
+    """
+    found = _numbered_checkpoints(directory, prefix)
+    problems = []
+    for _, path in reversed(found):
+        try:
+            read_weights_file(path)
+        except WeightsFileError as error:
+            problems.append(str(error))
+            logger.warning(f"cannot resume from {error} Trying an older checkpoint.")
+            continue
+        if problems:
+            logger.warning(f"Resuming from '{path}', the newest checkpoint that loads.")
+        return path
+    if problems:
+        raise WeightsFileError(
+            "no checkpoint in '" + str(directory) + "' loads: " + " ".join(problems) + " Delete them or set "
+            "--resume False to start afresh."
+        )
+    return ""
+
+
 def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "checkpoint") -> list[str]:
     """Deletes all but the ``keep`` newest numbered checkpoints; returns the deleted paths.
 
@@ -51,11 +94,13 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "ch
 
 
 class _AtomicDiskSaver(DiskSaver):
-    """Ignite's atomic DiskSaver (temporary file, then rename) with MONAI's fixed-filename option.
+    """Ignite's ``DiskSaver`` writing through :func:`~bundle.engine.io.atomic_write_bytes`, with MONAI's
+    fixed-filename option.
 
-    MONAI's ``CheckpointSaver`` turns atomic saving off because the temporary file is created user-only
-    (0600); a kill during ``torch.save`` then leaves a truncated ``model.pt``. This keeps the rename and
-    restores ordinary permissions afterwards.
+    MONAI's ``CheckpointSaver`` turns atomic saving off (a kill during ``torch.save`` then leaves a truncated
+    ``model.pt``), and Ignite's own atomic mode leaves its temporary file behind when closing or renaming it fails
+    (a full disk). Here the checkpoint is serialised in memory, then written, synced and renamed, and a failed write
+    removes its temporary file. Files get ordinary permissions.
     """
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
@@ -63,16 +108,18 @@ class _AtomicDiskSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        filename = self.filename or filename
-        super().__call__(checkpoint, filename, metadata)
-        if idist.get_rank() != self.save_on_rank:  # ignite saved nothing on this rank
-            return
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(os.path.join(self.dirname, filename), 0o666 & ~umask)
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        buffer = io.BytesIO()
+        func(checkpoint, buffer, **self.kwargs)
+        atomic_write_bytes(path, buffer.getvalue())
 
     def remove(self, filename: str) -> None:
-        super().remove(self.filename or filename)
+        # Missing when its save failed: Ignite lists a file before writing it, and removing it must not hide the
+        # save's own error (a full disk) behind a FileNotFoundError.
+        if idist.get_rank() == self.save_on_rank:
+            (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -82,7 +129,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     Ignite's ``Checkpoint`` only remembers the scores of the process that saved them, so after a resume the first
     validation, however poor, would replace the best model. The best ``(priority, filename)`` of the key-metric
     checkpoint's ``state_dict()`` is kept beside the file (``.<key_metric_filename>.best.json``) and given back to
-    it with ``load_state_dict()`` when ``resume_best`` is true (a resumed run).
+    it with ``load_state_dict()`` when ``resume_best`` is true (a resumed run). Temporary files that a killed run
+    left in ``save_dir`` are deleted at construction.
 
     Args:
         resume_best: reload the best score saved beside the key-metric file.
@@ -91,6 +139,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def __init__(self, *args, resume_best: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if idist.get_rank() == 0:  # left by a killed run; the run lock keeps other runs out of this folder
+            remove_temporaries(self.save_dir)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
@@ -139,16 +189,96 @@ class EngineCheckpointSaver(AtomicCheckpointSaver):
             prune_checkpoints(self.save_dir, keep=checkpoint.n_saved, prefix=prefix)
 
 
-class EngineCheckpointLoader(CheckpointLoader):
-    """``CheckpointLoader`` that also restores the engine it is attached to from ``engine_key``, to resume.
+class NamedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` whose errors name the file and say what is wrong with it.
 
-    Other arguments: ``CheckpointLoader``; a missing ``load_path`` is an error, so disable it for a fresh start.
+    A truncated file otherwise fails with a bare ``RuntimeError`` from the zip reader, and random bytes with an
+    ``UnpicklingError`` that advises an unsafe load. Arguments: those of ``CheckpointLoader``.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        """Loads like ``CheckpointLoader``; an unreadable file raises a ``WeightsFileError`` (or
+        ``FileNotFoundError``) naming it, and weights that do not fit raise a ``RuntimeError`` naming it."""
+        try:
+            super().__call__(engine)
+        except Exception as error:
+            read_weights_file(self.load_path)  # raises the file's problem when it cannot be read
+            raise RuntimeError(f"checkpoint '{self.load_path}' does not fit what it is loaded into: {error}") from error
+
+
+def _optimizers(load_dict: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
+    return [obj for obj in load_dict.values() if isinstance(obj, torch.optim.Optimizer)]
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _differences(saved: list[dict[str, Any]], configured: list[dict[str, Any]]) -> list[str]:
+    changes = []
+    for index, (old, new) in enumerate(zip(saved, configured)):
+        group = f" (group {index})" if len(configured) > 1 else ""
+        for key in sorted(new):
+            if key in old and old[key] != new[key]:
+                changes.append(f"optimizer {key}{group} {old[key]} -> {new[key]}")
+    return changes
+
+
+class EngineCheckpointLoader(NamedCheckpointLoader):
+    """Resumes training: loads a checkpoint into the network, the optimizer and the engine it is attached to
+    (saved under ``engine_key``), then runs on with the configured settings.
+
+    ``torch.optim.Optimizer.load_state_dict`` brings back the checkpoint's hyper-parameters (learning rate,
+    weight decay...), and Ignite the checkpoint's iterations per epoch: a changed ``--learning_rate`` or
+    ``--batch_size`` would otherwise be ignored without a word. Here the configured optimizer hyper-parameters
+    are put back after loading (the optimizer's moments stay), and when the number of iterations per epoch
+    changed (batch size or data), training continues after the last completed epoch with the new epoch length;
+    the iteration counter is re-based to ``completed epochs x new epoch length``. Each setting that differs from
+    the checkpoint is logged. Other arguments: ``CheckpointLoader``; a missing ``load_path`` is an error, so
+    disable the loader for a fresh start.
+
+    Args:
+        engine_key: the checkpoint entry of the engine's state.
     """
 
     def __init__(self, *args, engine_key: str = "trainer", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
+        self.changes: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         self.load_dict[self.engine_key] = engine
         super().attach(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        """Loads the checkpoint, then restores the configured optimizer settings and epoch length."""
+        optimizers = _optimizers(self.load_dict)
+        configured = [_hyperparameters(optimizer) for optimizer in optimizers]
+        epoch_length = engine.state.epoch_length
+        super().__call__(engine)
+        self.changes = []
+        for optimizer, settings in zip(optimizers, configured):
+            self.changes += _differences(_hyperparameters(optimizer), settings)
+            for group, values in zip(optimizer.param_groups, settings):
+                group.update(values)
+        if epoch_length and engine.state.epoch_length != epoch_length:
+            self.changes.append(self._rebase(engine, epoch_length))
+        if self.changes:
+            self.logger.warning(
+                f"Resuming from '{self.load_path}' with the configured settings, which differ from the checkpoint's: "
+                + "; ".join(self.changes)
+                + "."
+            )
+
+    @staticmethod
+    def _rebase(engine: Engine, epoch_length: int) -> str:
+        saved_length = engine.state.epoch_length
+        completed = engine.state.iteration // saved_length
+        partial = engine.state.iteration % saved_length
+        engine.state.epoch, engine.state.iteration = completed, completed * epoch_length
+        engine.state.epoch_length = epoch_length
+        restart = f", epoch {completed + 1} restarts" if partial else ""
+        return (
+            f"iterations per epoch {saved_length} -> {epoch_length} (batch size or data changed): continuing after "
+            f"epoch {completed} at iteration {engine.state.iteration}{restart}"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -13,16 +14,37 @@ from typing import Any
 import numpy as np
 import torch
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+@functools.cache
+def _ordinary_mode() -> int:
+    """The permissions ``open()`` gives a new file under the process's umask (``mkstemp`` gives 0600).
+
+    Read once: setting the umask to read it is not thread-safe.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path`` and renames it into place.
 
-    A kill at any moment leaves either the old file or the new one, never a truncated one.
+    A kill at any moment leaves either the old file or the new one, never a truncated one. A failed write (a full
+    disk, a missing permission) removes the temporary file before the error propagates, so failures leave nothing
+    behind. The file gets the permissions an ordinary ``open()`` would give it.
+
+    Args:
+        path: the destination; its folder is created if needed.
+        data: the whole content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _ordinary_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -30,6 +52,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Deletes the temporary files :func:`atomic_write_bytes` left in ``directory`` when its process was killed.
+
+    Call it only while no other process writes there (a run holding :mod:`bundle.engine.run_lock`'s lock).
+
+    Args:
+        directory: the folder to clean; a missing one is fine.
+
+    Returns:
+        The deleted paths.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    doomed = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return [str(p) for p in doomed]
 
 
 def atomic_write_json(path: str | os.PathLike, content: Any) -> None:

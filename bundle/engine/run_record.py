@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,38 +20,136 @@ def report_outputs(paths: dict[str, str]) -> None:
         print(f"  {name:<16} {os.path.abspath(path)}{status}")
 
 
-def _command_line_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """Config files and ``--key value`` overrides of a ``python -m monai.bundle run`` command line."""
+# Arguments of ``monai.bundle.scripts.run`` and ``ConfigWorkflow`` themselves, not config IDs.
+RUNNER_ARGUMENTS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+     "workflow_type", "properties_path"}
+)
+
+
+def _literal(value: str) -> Any:
     import ast
 
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _command_line_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Config files and ``--key value`` (or ``--key=value``; a lone ``--flag`` is True) overrides of a
+    ``python -m monai.bundle run`` command line."""
     files: list[str] = []
     overrides: dict[str, Any] = {}
     args = list(argv)
     i = 0
     while i < len(args):
-        if args[i].startswith("--") and i + 1 < len(args):
-            key, value = args[i][2:], args[i + 1]
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass
-            if key == "config_file":
-                files = list(value) if isinstance(value, (list, tuple)) else [value]
-            else:
-                overrides[key] = value
-            i += 2
-        else:
+        if not args[i].startswith("--"):
             i += 1
+            continue
+        key, equals, value = args[i][2:].partition("=")
+        if not equals and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        elif not equals:
+            value = "True"
+        i += 1
+        value = _literal(value)
+        if key == "config_file":
+            files = list(value) if isinstance(value, (list, tuple)) else [value]
+        else:
+            overrides[key] = value
     return files, overrides
 
 
-def record_run(directory: str | os.PathLike, argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _bundle_command_line() -> list[str] | None:
+    """``sys.argv[1:]`` when this process is ``python -m monai.bundle``, else None (e.g. a test calling
+    ``monai.bundle.run`` in-process, whose command line is pytest's)."""
+    import sys
+
+    return sys.argv[1:] if Path(sys.argv[0]).parts[-2:] == ("bundle", "__main__.py") else None
+
+
+def _config_ids(config: Any, prefix: str = "") -> list[str]:
+    from monai.bundle.utils import ID_SEP_KEY
+
+    ids = []
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        full = f"{prefix}{ID_SEP_KEY}{key}" if prefix else str(key)
+        ids += [full, *_config_ids(value, full)]
+    return ids
+
+
+def _is_known(parser: Any, key: str) -> bool:
+    """An existing ID, or a new keyword argument of an existing component (a dict with ``_target_``)."""
+    from monai.bundle.utils import ID_SEP_KEY
+
+    if key in parser:
+        return True
+    parent, _, _ = key.rpartition(ID_SEP_KEY)
+    return bool(parent) and parent in parser and isinstance(parser[parent], dict) and "_target_" in parser[parent]
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Stops a run whose command line overrides an ID that no config has, naming the closest IDs.
+
+    MONAI's runner adds an unknown ``--max_epoch 3`` to the config as a new, unused entry and trains on with
+    ``max_epochs`` unchanged. A new keyword argument of an existing component (``--train#trainer#epoch_length 2``)
+    is allowed. Call it from ``initialize``.
+
+    Args:
+        argv: the command line after the program name; by default ``sys.argv[1:]`` when this process is
+            ``python -m monai.bundle`` (nothing is checked otherwise).
+
+    Raises:
+        ValueError: an override matches no config ID; lists each with up to three close matches.
+    """
+    import difflib
+
+    from monai.bundle import ConfigParser
+    from monai.bundle.reference_resolver import ReferenceResolver
+
+    argv = _bundle_command_line() if argv is None else argv
+    if argv is None:
+        return
+    files, overrides = _command_line_overrides(argv)
+    if "args_file" in overrides:
+        overrides = {**ConfigParser.load_config_file(str(overrides["args_file"])), **overrides}
+        files = files or list(overrides.get("config_file") or [])
+    if not files:
+        return
+    parser = ConfigParser()
+    parser.read_config(files)
+    ids: list[str] | None = None
+    problems = []
+    for key in overrides:
+        normalized = ReferenceResolver.normalize_id(str(key).lstrip("+"))
+        if key in RUNNER_ARGUMENTS or _is_known(parser, normalized):
+            continue
+        ids = _config_ids(parser.get()) if ids is None else ids
+        close = difflib.get_close_matches(normalized, ids, n=3, cutoff=0.6)
+        problems.append(f"--{key} (did you mean {', '.join('--' + c for c in close)}?)" if close else f"--{key}")
+    if problems:
+        raise ValueError(
+            f"override matches no config ID, so it would change nothing: {'; '.join(problems)}. Config files: {files}."
+        )
+
+
+def record_run(
+    directory: str | os.PathLike, argv: Sequence[str] | None = None, resumed_from: Any = None
+) -> dict[str, Any]:
     """Writes ``run_config.json`` (the merged config with overrides and macros expanded) and ``versions.json``
     into ``directory``, next to the checkpoints, so that any checkpoint can be traced to what made it.
+
+    A resumed run runs with its own config (see :class:`~bundle.engine.checkpoint.EngineCheckpointLoader`), so
+    the record of a resumed run names the checkpoint it started from and keeps the earlier runs' records under
+    ``"earlier_runs"``, oldest first; a fresh start begins a new history.
 
     Args:
         directory: the checkpoint folder.
         argv: the command line; ``sys.argv`` by default.
+        resumed_from: the checkpoint(s) the run resumes from (a path, or a mapping of stage to path); empty or
+            None for a fresh start.
 
     Returns:
         ``{"config": ..., "versions": ...}`` as written.
@@ -79,10 +178,18 @@ def record_run(directory: str | os.PathLike, argv: Sequence[str] | None = None) 
     versions["monai_config"] = {k: str(v) for k, v in monai.config.deviceconfig.get_config_values().items()}
     versions["cuda"] = torch.version.cuda
     record = {"command": list(sys.argv if argv is None else argv), "config_files": files, "overrides": overrides,
-              "config": parser.get()}
-    atomic_write_json(Path(directory) / "run_config.json", record)
+              "resumed_from": resumed_from if _any_path(resumed_from) else None, "config": parser.get()}
+    path = Path(directory) / "run_config.json"
+    if _any_path(resumed_from) and path.is_file():
+        earlier = json.loads(path.read_text())
+        record["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
+    atomic_write_json(path, record)
     atomic_write_json(Path(directory) / "versions.json", versions)
     return {"config": record, "versions": versions}
+
+
+def _any_path(resumed_from: Any) -> bool:
+    return any(resumed_from.values()) if isinstance(resumed_from, dict) else bool(resumed_from)
 
 
 def check_types(**values: Any) -> None:

@@ -45,8 +45,9 @@ def _broken_copy(phantom_dir: Path, tmp_path: Path) -> tuple[list[dict], list[Pa
 
 
 @pytest.mark.parametrize("cache_rate", [1.0, 0.5])
-def test_the_data_check_names_every_unreadable_file_at_once(phantom_dir: Path, tmp_path: Path, preprocessing,
-                                                           cache_rate: float) -> None:
+def test_the_data_check_names_every_unreadable_file_at_once(
+    phantom_dir: Path, tmp_path: Path, preprocessing, cache_rate: float
+) -> None:
     items, broken = _broken_copy(phantom_dir, tmp_path)
     with pytest.raises(UnreadableFilesError) as error:
         CheckedCacheDataset(items, preprocessing, cache_rate=cache_rate, progress=False, split="train")
@@ -92,17 +93,27 @@ def _images(n: int, bad: set[int]) -> list[dict]:
     for i in range(n):
         array = rng.random((1, 32, 32)).astype(np.float32) * 0.5 + 0.2
         array[0, 0, 0] = 1.0 if i in bad else 0.0
-        items.append({"image": MetaTensor(torch.from_numpy(array), meta={"filename_or_obj": f"/in/case_{i}.nii.gz"}),
-                      "label": torch.from_numpy(array)})
+        items.append(
+            {
+                "image": MetaTensor(torch.from_numpy(array), meta={"filename_or_obj": f"/in/case_{i}.nii.gz"}),
+                "label": torch.from_numpy(array),
+            }
+        )
     return items
 
 
 def test_inference_skips_an_input_whose_result_is_not_finite_and_processes_the_rest() -> None:
     errors, written = FileErrors(), []
-    postprocessing = Compose([RequireFinited("pred"), Lambdad("pred", lambda p: written.append(p.meta["filename_or_obj"]) or p)])
-    evaluator = SupervisedEvaluator(device="cpu", val_data_loader=DataLoader(Dataset(_images(4, {1})), batch_size=1),
-                                    network=_NaNFor(), postprocessing=postprocessing,
-                                    iteration_update=errors.evaluator_iteration)
+    postprocessing = Compose(
+        [RequireFinited("pred"), Lambdad("pred", lambda p: written.append(p.meta["filename_or_obj"]) or p)]
+    )
+    evaluator = SupervisedEvaluator(
+        device="cpu",
+        val_data_loader=DataLoader(Dataset(_images(4, {1})), batch_size=1),
+        network=_NaNFor(),
+        postprocessing=postprocessing,
+        iteration_update=errors.evaluator_iteration,
+    )
     evaluator.run()
     assert written == ["/in/case_0.nii.gz", "/in/case_2.nii.gz", "/in/case_3.nii.gz"]
     with pytest.raises(UnreadableFilesError) as error:
@@ -112,15 +123,25 @@ def test_inference_skips_an_input_whose_result_is_not_finite_and_processes_the_r
 
 
 def _evaluate(tmp_path: Path, bad: set[int], errors: FileErrors | None) -> dict:
-    metrics = {"ssim": IgniteMetricHandler(SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7),
-                                           output_transform=lambda o: ([i["pred"] for i in o], [i["label"] for i in o])),
-               "psnr": IgniteMetricHandler(PSNRMetric(max_val=1.0),
-                                           output_transform=lambda o: ([i["pred"] for i in o], [i["label"] for i in o])),
-               "mse": MeanSquaredError(output_transform=lambda o: ([i["pred"] for i in o], [i["label"] for i in o]))}
+    metrics = {
+        "ssim": IgniteMetricHandler(
+            SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7),
+            output_transform=lambda o: ([i["pred"] for i in o], [i["label"] for i in o]),
+        ),
+        "psnr": IgniteMetricHandler(
+            PSNRMetric(max_val=1.0), output_transform=lambda o: ([i["pred"] for i in o], [i["label"] for i in o])
+        ),
+        "mse": MeanSquaredError(output_transform=lambda o: ([i["pred"] for i in o], [i["label"] for i in o])),
+    }
     writer = MetricsJSONWriter(str(tmp_path / "metrics.json"), {k: k for k in metrics}, file_errors=errors)
-    evaluator = SupervisedEvaluator(device="cpu", val_data_loader=DataLoader(Dataset(_images(6, bad)), batch_size=4),
-                                    network=_NaNFor(), key_val_metric={"ssim": metrics.pop("ssim")},
-                                    additional_metrics=metrics, val_handlers=[writer])
+    evaluator = SupervisedEvaluator(
+        device="cpu",
+        val_data_loader=DataLoader(Dataset(_images(6, bad)), batch_size=4),
+        network=_NaNFor(),
+        key_val_metric={"ssim": metrics.pop("ssim")},
+        additional_metrics=metrics,
+        val_handlers=[writer],
+    )
     evaluator.run()
     return json.loads((tmp_path / "metrics.json").read_text()), evaluator.state.metric_details
 

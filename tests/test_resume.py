@@ -18,7 +18,12 @@ import torch
 from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 from ignite.engine import Engine, Events
 
-from bundle.engine.checkpoint import AtomicCheckpointSaver, EngineCheckpointLoader, EngineCheckpointSaver, latest_checkpoint
+from bundle.engine.checkpoint import (
+    AtomicCheckpointSaver,
+    EngineCheckpointLoader,
+    EngineCheckpointSaver,
+    latest_checkpoint,
+)
 
 KILLS = 4
 EPOCHS, PRIOR_EPOCHS = 16, 8
@@ -83,16 +88,26 @@ def _train(directory: Path, learning_rate: float, batch_size: int, max_epochs: i
     data = [{"image": torch.randn(2), "label": torch.randn(1)} for _ in range(16)]
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, drop_last=True)
     objects = {"model": network, "optimizer": optimizer}
-    handlers = [EngineCheckpointSaver(save_dir=str(directory), save_dict=objects, save_interval=1, n_saved=1,
-                                      epoch_level=True)]
+    handlers = [
+        EngineCheckpointSaver(save_dir=str(directory), save_dict=objects, save_interval=1, n_saved=1, epoch_level=True)
+    ]
     if resume:
         handlers.insert(0, EngineCheckpointLoader(load_path=latest_checkpoint(directory), load_dict=dict(objects)))
-    trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=network,
-                                optimizer=optimizer, loss_function=torch.nn.MSELoss(), train_handlers=handlers)
+    trainer = SupervisedTrainer(
+        device="cpu",
+        max_epochs=max_epochs,
+        train_data_loader=loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=torch.nn.MSELoss(),
+        train_handlers=handlers,
+    )
     seen = []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: seen.append((e.state.epoch, e.state.iteration, *(optimizer.param_groups[0][k] for k in ("lr", "weight_decay")))),
+        lambda e: seen.append(
+            (e.state.epoch, e.state.iteration, *(optimizer.param_groups[0][k] for k in ("lr", "weight_decay")))
+        ),
     )
     trainer.run()
     return seen
@@ -105,8 +120,11 @@ def test_a_resume_runs_with_the_configured_learning_rate_and_batch_size(tmp_path
         resumed = _train(tmp_path, 0.1, batch_size=2, max_epochs=3, resume=True)
     # epoch 3 only, with 16 / 2 = 8 iterations, the new learning rate and weight decay
     assert resumed == [(3, 16 + i, 0.1, 1e-4) for i in range(1, 9)]
-    for change in ("optimizer lr 0.0003 -> 0.1", "optimizer weight_decay 0.0 -> 0.0001",
-                   "iterations per epoch 4 -> 8 (batch size or data changed): continuing after epoch 2 at iteration 16"):
+    for change in (
+        "optimizer lr 0.0003 -> 0.1",
+        "optimizer weight_decay 0.0 -> 0.0001",
+        "iterations per epoch 4 -> 8 (batch size or data changed): continuing after epoch 2 at iteration 16",
+    ):
         assert change in caplog.text
     saved = torch.load(latest_checkpoint(tmp_path), weights_only=True)
     assert saved["trainer"]["epoch_length"] == 8 and saved["trainer"]["iteration"] == 24
@@ -129,8 +147,11 @@ def test_the_run_record_of_a_resume_names_the_checkpoint_and_keeps_earlier_runs(
     os.chdir(ROOT)
     try:
         record_run(tmp_path, ["run", "training", "--config_file", files, "--learning_rate", "0.0003"])
-        record_run(tmp_path, ["run", "training", "--config_file", files, "--learning_rate", "0.1"],
-                   resumed_from=str(tmp_path / "checkpoint_epoch=2.pt"))
+        record_run(
+            tmp_path,
+            ["run", "training", "--config_file", files, "--learning_rate", "0.1"],
+            resumed_from=str(tmp_path / "checkpoint_epoch=2.pt"),
+        )
         second = json.loads((tmp_path / "run_config.json").read_text())
         record_run(tmp_path, ["run", "training", "--config_file", files], resumed_from={"vqvae": "", "prior": ""})
         fresh = json.loads((tmp_path / "run_config.json").read_text())

@@ -28,8 +28,9 @@ time.sleep(60)
 
 
 def _holder(folder: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), folder=str(folder))],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(root=str(ROOT), folder=str(folder))], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "locked"
     return process
 
@@ -84,8 +85,22 @@ def test_an_override_that_matches_no_config_id_stops_with_the_closest_ids(in_roo
 
 
 def test_known_ids_component_arguments_and_runner_arguments_pass(in_root) -> None:
-    check_overrides(["run", "training", "--config_file", FILES, "--max_epochs", "3", "--train#dataloader#batch_size",
-                     "2", "--train::trainer::epoch_length=2", "--meta_file", "configs/metadata.json", "--amp"])
+    check_overrides(
+        [
+            "run",
+            "training",
+            "--config_file",
+            FILES,
+            "--max_epochs",
+            "3",
+            "--train#dataloader#batch_size",
+            "2",
+            "--train::trainer::epoch_length=2",
+            "--meta_file",
+            "configs/metadata.json",
+            "--amp",
+        ]
+    )
 
 
 def test_only_a_bundle_command_line_is_checked(in_root, monkeypatch) -> None:

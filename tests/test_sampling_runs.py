@@ -18,26 +18,36 @@ SHAPES = ((4, 2), (8, 4))  # 32 x 16 images
 @pytest.fixture(scope="module")
 def pair() -> tuple[TinyTwoLevelVQVAE, TwoLevelPrior]:
     torch.manual_seed(0)
-    prior = TwoLevelPrior((6, 10), channels=8, num_layers=(3, 2), kernel_size=3, head_channels=16, cond_channels=6,
-                          cond_blocks=1, latent_shapes=SHAPES)
+    prior = TwoLevelPrior(
+        (6, 10),
+        channels=8,
+        num_layers=(3, 2),
+        kernel_size=3,
+        head_channels=16,
+        cond_channels=6,
+        cond_blocks=1,
+        latent_shapes=SHAPES,
+    )
     return TinyTwoLevelVQVAE().eval(), prior.eval()
 
 
 @pytest.mark.parametrize(
     "argument, value, expected",
-    [("num_samples", 0, "num_samples must be a whole number >= 1, got 0"),
-     ("num_samples", -3, "num_samples must be a whole number >= 1, got -3"),
-     ("num_samples", 2.5, "num_samples must be a whole number >= 1, got 2.5"),
-     ("num_samples", True, "num_samples must be a whole number >= 1, got True"),
-     ("temperature", math.nan, "temperature must be finite, got nan"),
-     ("temperature", math.inf, "temperature must be finite, got inf"),
-     ("temperature", -0.5, "temperature must be >= 0 (0 means argmax), got -0.5"),
-     ("temperature", 1e-320, "temperature 1e-320 is too small to divide the logits by; use 0 for argmax"),
-     ("temperature", "hot", "temperature must be a number, got 'hot'"),
-     ("seed", -1, "seed must be a whole number from 0 to 2**64 - 1, got -1"),
-     ("seed", 1.5, "seed must be a whole number from 0 to 2**64 - 1, got 1.5"),
-     ("seed", 2**64, "seed must be a whole number from 0 to 2**64 - 1, got 18446744073709551616"),
-     ("batch_size", 0, "batch_size must be a whole number >= 1, got 0")],
+    [
+        ("num_samples", 0, "num_samples must be a whole number >= 1, got 0"),
+        ("num_samples", -3, "num_samples must be a whole number >= 1, got -3"),
+        ("num_samples", 2.5, "num_samples must be a whole number >= 1, got 2.5"),
+        ("num_samples", True, "num_samples must be a whole number >= 1, got True"),
+        ("temperature", math.nan, "temperature must be finite, got nan"),
+        ("temperature", math.inf, "temperature must be finite, got inf"),
+        ("temperature", -0.5, "temperature must be >= 0 (0 means argmax), got -0.5"),
+        ("temperature", 1e-320, "temperature 1e-320 is too small to divide the logits by; use 0 for argmax"),
+        ("temperature", "hot", "temperature must be a number, got 'hot'"),
+        ("seed", -1, "seed must be a whole number from 0 to 2**64 - 1, got -1"),
+        ("seed", 1.5, "seed must be a whole number from 0 to 2**64 - 1, got 1.5"),
+        ("seed", 2**64, "seed must be a whole number from 0 to 2**64 - 1, got 18446744073709551616"),
+        ("batch_size", 0, "batch_size must be a whole number >= 1, got 0"),
+    ],
 )
 def test_bad_sampling_arguments_are_named(pair, argument: str, value, expected: str) -> None:
     arguments = {"num_samples": 2, "temperature": 1.0, "seed": 0, "batch_size": 2, argument: value}
@@ -74,8 +84,9 @@ def test_a_large_run_is_written_batch_by_batch(pair, tmp_path: Path, monkeypatch
     import bundle.stage2_prior.generation as generation
 
     monkeypatch.setattr(generation, "atomic_write_bytes", lambda path, data: None)  # names only
-    wide = sample_to_files(vqvae, prior, tmp_path / "wide", num_samples=1001, seed=3, batch_size=1001, grid_count=0,
-                           progress=False)
+    wide = sample_to_files(
+        vqvae, prior, tmp_path / "wide", num_samples=1001, seed=3, batch_size=1001, grid_count=0, progress=False
+    )
     assert Path(wide[0]).name == "sample_0000.nii.gz" and Path(wide[-1]).name == "sample_1000.nii.gz"
 
 

@@ -136,8 +136,11 @@ def _load(path: str) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "shape, expected",
-    [((256, 128, 1, 3), "4D array of shape (256, 128, 1, 3)"), ((1, 1, 256, 128), "4D array of shape (1, 1, 256, 128)"),
-     ((256, 128, 1, 1, 2), "5D array of shape (256, 128, 1, 1, 2)")],
+    [
+        ((256, 128, 1, 3), "4D array of shape (256, 128, 1, 3)"),
+        ((1, 1, 256, 128), "4D array of shape (1, 1, 256, 128)"),
+        ((256, 128, 1, 1, 2), "5D array of shape (256, 128, 1, 1, 2)"),
+    ],
 )
 def test_nifti_with_more_than_three_axes_is_refused_with_its_shape(tmp_path: Path, shape, expected) -> None:
     path = _save(tmp_path / "frames.nii.gz", np.ones(shape, np.float32))
@@ -159,8 +162,10 @@ def test_complex_nifti_is_refused(tmp_path: Path, dtype) -> None:
         EnsureSlice2D()(_load(path))
 
 
-@pytest.mark.parametrize("tensor, kind", [(torch.ones(1, 8, 8, dtype=torch.complex64), "complex"),
-                                          (torch.ones(1, 8, 8, dtype=torch.bool), "boolean")])
+@pytest.mark.parametrize(
+    "tensor, kind",
+    [(torch.ones(1, 8, 8, dtype=torch.complex64), "complex"), (torch.ones(1, 8, 8, dtype=torch.bool), "boolean")],
+)
 def test_complex_and_boolean_tensors_are_refused(tensor: torch.Tensor, kind: str) -> None:
     with pytest.raises(ValueError, match=f"holds {kind}"):
         EnsureSlice2D()(tensor)

@@ -121,8 +121,9 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypa
 @pytest.mark.parametrize("failing", ["os.fsync", "os.replace"])
 def test_a_failed_checkpoint_save_leaves_no_temporary_file(tmp_path: Path, monkeypatch, failing: str) -> None:
     network = _network()
-    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": network}, save_final=True,
-                                  final_filename="model_final.pt")
+    saver = AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": network}, save_final=True, final_filename="model_final.pt"
+    )
     engine = Engine(lambda e, b: None)
     saver.attach(engine)
     monkeypatch.setattr(failing, _disk_full)
@@ -134,8 +135,9 @@ def test_a_failed_checkpoint_save_leaves_no_temporary_file(tmp_path: Path, monke
 def test_saved_files_get_ordinary_permissions_and_leftovers_of_a_killed_run_are_removed(tmp_path: Path) -> None:
     leftover = tmp_path / ".model.pt.k1ll3d_x.tmp"
     leftover.write_bytes(b"partial")
-    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": _network()}, save_final=True,
-                                  final_filename="model_final.pt")
+    saver = AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": _network()}, save_final=True, final_filename="model_final.pt"
+    )
     assert not leftover.exists()
     engine = Engine(lambda e, b: None)
     saver.attach(engine)

@@ -229,7 +229,10 @@ def require_batches(split: str, num_items: int, batch_size: int, drop_last: bool
 
 
 def require_distinct_outputs(
-    items: list[dict], output_dir: str | os.PathLike, postfix: str = "recon", extension: str = ".nii.gz",
+    items: list[dict],
+    output_dir: str | os.PathLike,
+    postfix: str = "recon",
+    extension: str = ".nii.gz",
     key: str = "image",
 ) -> list[dict]:
     """Raises when two inputs would be written to the same output file; returns ``items`` unchanged otherwise.

@@ -20,8 +20,11 @@ LUMA = (0.299, 0.587, 0.114)
 # NIfTI datatype codes the bundle cannot take as an intensity image.
 NIFTI_REFUSED = {1: "1-bit (binary, a mask?)", 32: "complex", 1792: "complex", 2048: "complex"}
 # PIL modes the bundle cannot take as an intensity image.
-PIL_REFUSED = {"1": "1-bit (binary, a mask?)", "P": "palette (colour indices, not intensities)",
-               "PA": "palette (colour indices, not intensities)"}
+PIL_REFUSED = {
+    "1": "1-bit (binary, a mask?)",
+    "P": "palette (colour indices, not intensities)",
+    "PA": "palette (colour indices, not intensities)",
+}
 GREY_ALPHA_MODES = ("LA", "La")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 

@@ -30,12 +30,16 @@ def _item_path(item: Any, key: Hashable) -> str:
 
 
 class UnreadableFilesError(ValueError):
-    """Files of a data set that cannot be read; the message names each one and why."""
+    """Files that cannot be used; the message names each one and why, ``failures`` maps each path to why."""
 
-    def __init__(self, summary: str, failures: Mapping[str, str]) -> None:
-        self.failures = dict(failures)
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in self.failures.items())
-        super().__init__(f"{summary}:\n{listing}")
+    failures: dict[str, str]
+
+
+def _unreadable(summary: str, failures: Mapping[str, str]) -> UnreadableFilesError:
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in failures.items())
+    error = UnreadableFilesError(f"{summary}:\n{listing}")
+    error.failures = dict(failures)
+    return error
 
 
 class CheckedCacheDataset(CacheDataset):
@@ -70,7 +74,7 @@ class CheckedCacheDataset(CacheDataset):
             self._failures = None
         if failures:
             where = f"split '{self.split}'" if self.split else "the data set"
-            raise UnreadableFilesError(
+            raise _unreadable(
                 f"{len(failures)} of {len(self.data)} files of {where} cannot be used; fix or remove them", failures
             )
         return cache
@@ -161,7 +165,6 @@ class FileErrors:
         """
         if self.skipped:
             of_total = f" of {self.total}" if self.total >= len(self.skipped) else ""
-            raise UnreadableFilesError(
-                f"{workflow} skipped {len(self.skipped)}{of_total} files (the others were processed)",
-                self.skipped,
+            raise _unreadable(
+                f"{workflow} skipped {len(self.skipped)}{of_total} files (the others were processed)", self.skipped
             )

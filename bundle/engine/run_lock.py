@@ -29,9 +29,8 @@ class FolderInUseError(RuntimeError):
 
 def _describe(holder: dict) -> str:
     command = " ".join(holder.get("command", []))
-    return (
-        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-        + (f" ({command})" if command else "")
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}" + (
+        f" ({command})" if command else ""
     )
 
 
@@ -101,11 +100,15 @@ class RunLock:
             )
         previous = self._read_holder()
         if previous:
-            dead = "" if previous.get("host") != socket.gethostname() or _pid_alive(int(previous.get("pid", 0))) else (
-                ", which no longer runs"
+            dead = (
+                ""
+                if previous.get("host") != socket.gethostname() or _pid_alive(int(previous.get("pid", 0)))
+                else (", which no longer runs")
             )
-            logger.warning(f"Taking over the stale {self.workflow} lock of '{self.path.parent}' from "
-                           f"{_describe(previous)}{dead}.")
+            logger.warning(
+                f"Taking over the stale {self.workflow} lock of '{self.path.parent}' from "
+                f"{_describe(previous)}{dead}."
+            )
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),

@@ -12,6 +12,7 @@ import torch
 
 from bundle.engine.io import atomic_write_json
 
+
 def report_outputs(paths: dict[str, str]) -> None:
     """Prints where a workflow left its outputs, marking the ones that are missing."""
     print("\nOutputs:")
@@ -22,8 +23,18 @@ def report_outputs(paths: dict[str, str]) -> None:
 
 # Arguments of ``monai.bundle.scripts.run`` and ``ConfigWorkflow`` themselves, not config IDs.
 RUNNER_ARGUMENTS = frozenset(
-    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
-     "workflow_type", "properties_path"}
+    {
+        "run_id",
+        "init_id",
+        "final_id",
+        "meta_file",
+        "config_file",
+        "logging_file",
+        "tracking",
+        "args_file",
+        "workflow_type",
+        "properties_path",
+    }
 )
 
 
@@ -177,8 +188,13 @@ def record_run(
         versions[name] = getattr(module, "__version__", "unknown")
     versions["monai_config"] = {k: str(v) for k, v in monai.config.deviceconfig.get_config_values().items()}
     versions["cuda"] = torch.version.cuda
-    record = {"command": list(sys.argv if argv is None else argv), "config_files": files, "overrides": overrides,
-              "resumed_from": resumed_from if _any_path(resumed_from) else None, "config": parser.get()}
+    record = {
+        "command": list(sys.argv if argv is None else argv),
+        "config_files": files,
+        "overrides": overrides,
+        "resumed_from": resumed_from if _any_path(resumed_from) else None,
+        "config": parser.get(),
+    }
     path = Path(directory) / "run_config.json"
     if _any_path(resumed_from) and path.is_file():
         earlier = json.loads(path.read_text())

@@ -14,6 +14,7 @@ from bundle.engine.io import atomic_write_json, save_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
+
 def _batch_names(batch: Any, key: str) -> list[str] | None:
     """The source file of each image in a batch (collated or decollated), or None when unknown."""
     items = batch if isinstance(batch, list) else [batch]
@@ -56,7 +57,9 @@ class MetricsJSONWriter:
         image_key: str = "image",
     ) -> None:
         self.path, self.metric_names, self.extra = path, metric_names, extra or {}
-        self.batch_size_fn = batch_size_fn or (lambda batch: len(batch["image"]) if isinstance(batch, dict) else len(batch))
+        self.batch_size_fn = batch_size_fn or (
+            lambda batch: len(batch["image"]) if isinstance(batch, dict) else len(batch)
+        )
         self.file_errors, self.image_key = file_errors, image_key
         self.n_images = 0
         self.names: list[str] | None = []

@@ -128,7 +128,13 @@ def generate_batches(
         count = min(batch_size, num_samples - start)
         batch_labels = None if labels is None else labels[start : start + count]
         top, bottom = sample_codes(
-            prior, top_shape, bottom_shape, count, temperature, labels=batch_labels, sampler=sampler,
+            prior,
+            top_shape,
+            bottom_shape,
+            count,
+            temperature,
+            labels=batch_labels,
+            sampler=sampler,
             generators=generators,
         )
         images = vqvae.decode_samples(top.to(device), bottom.to(device)).float()
@@ -220,9 +226,7 @@ def sample_to_files(
 
     output_dir = Path(output_dir)
     width = max(3, len(str(num_samples - 1))) if _is_whole(num_samples) and num_samples > 0 else 3
-    batches = generate_batches(
-        vqvae, prior, num_samples, temperature, seed, label, batch_size, sampler, latent_shapes
-    )
+    batches = generate_batches(vqvae, prior, num_samples, temperature, seed, label, batch_size, sampler, latent_shapes)
     paths, shown = [], []
     with tqdm(total=num_samples, desc="Sampling", unit="slice", disable=not progress, mininterval=1.0) as bar:
         for images, _, _ in batches:

@@ -109,3 +109,11 @@ def test_only_a_bundle_command_line_is_checked(in_root, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["/x/monai/bundle/__main__.py", "run", "--config_file", FILES, "--max_epoch", "3"])
     with pytest.raises(ValueError, match="--max_epoch"):
         check_overrides()
+
+
+def test_an_id_of_another_workflow_is_only_warned_about(in_root, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        check_overrides(["run", "inference", "--config_file", "configs/inference.json", "--compile", "False"])
+    assert "--compile (configs/train_vqvae.json)" in caplog.text
+    with pytest.raises(ValueError, match=r"would change nothing: --compil\. Config files"):
+        check_overrides(["run", "inference", "--config_file", "configs/inference.json", "--compil", "False"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from bundle.engine.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
 
 
 def report_outputs(paths: dict[str, str]) -> None:
@@ -101,24 +104,55 @@ def _is_known(parser: Any, key: str) -> bool:
     return bool(parent) and parent in parser and isinstance(parser[parent], dict) and "_target_" in parser[parent]
 
 
+def _ids_of_other_configs(files: Sequence[str]) -> dict[str, str]:
+    """Each ID of the bundle's other configs (the JSON files beside the first config), with a file holding it."""
+    from monai.bundle import ConfigParser
+
+    folder = Path(files[0]).parent
+    found: dict[str, str] = {}
+    for path in sorted(folder.glob("*.json")):
+        if any(path.resolve() == Path(f).resolve() for f in files):
+            continue
+        try:
+            content = ConfigParser.load_config_file(str(path))
+        except ValueError:
+            continue
+        for config_id in _config_ids(content):
+            found.setdefault(config_id, str(path))
+    return found
+
+
+def _unknown_overrides(parser: Any, overrides: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(override, normalised ID)`` of the overrides that are no ID of the parsed config."""
+    from monai.bundle.reference_resolver import ReferenceResolver
+
+    unknown = []
+    for key in overrides:
+        normalized = ReferenceResolver.normalize_id(str(key).lstrip("+"))
+        if key not in RUNNER_ARGUMENTS and not _is_known(parser, normalized):
+            unknown.append((key, normalized))
+    return unknown
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Stops a run whose command line overrides an ID that no config has, naming the closest IDs.
 
     MONAI's runner adds an unknown ``--max_epoch 3`` to the config as a new, unused entry and trains on with
     ``max_epochs`` unchanged. A new keyword argument of an existing component (``--train#trainer#epoch_length 2``)
-    is allowed. Call it from ``initialize``.
+    is allowed. An ID of another of the bundle's configs (``--compile`` given to inference, which has no compiled
+    trainer) is only warned about, so one set of options can serve several workflows. Call it from ``initialize``.
 
     Args:
         argv: the command line after the program name; by default ``sys.argv[1:]`` when this process is
             ``python -m monai.bundle`` (nothing is checked otherwise).
 
     Raises:
-        ValueError: an override matches no config ID; lists each with up to three close matches.
+        ValueError: an override matches no ID of any of the bundle's configs; lists each with up to three close
+            matches among the run's IDs.
     """
     import difflib
 
     from monai.bundle import ConfigParser
-    from monai.bundle.reference_resolver import ReferenceResolver
 
     argv = _bundle_command_line() if argv is None else argv
     if argv is None:
@@ -131,15 +165,17 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         return
     parser = ConfigParser()
     parser.read_config(files)
-    ids: list[str] | None = None
+    unknown = _unknown_overrides(parser, overrides)
+    elsewhere = _ids_of_other_configs(files) if unknown else {}
+    ids = _config_ids(parser.get()) if unknown else []
+    unused = [f"--{key} ({elsewhere[normalized]})" for key, normalized in unknown if normalized in elsewhere]
+    if unused:
+        logger.warning(f"ignored: override(s) of IDs that only other workflows of the bundle use: {', '.join(unused)}.")
     problems = []
-    for key in overrides:
-        normalized = ReferenceResolver.normalize_id(str(key).lstrip("+"))
-        if key in RUNNER_ARGUMENTS or _is_known(parser, normalized):
-            continue
-        ids = _config_ids(parser.get()) if ids is None else ids
-        close = difflib.get_close_matches(normalized, ids, n=3, cutoff=0.6)
-        problems.append(f"--{key} (did you mean {', '.join('--' + c for c in close)}?)" if close else f"--{key}")
+    for key, normalized in unknown:
+        if normalized not in elsewhere:
+            close = difflib.get_close_matches(normalized, ids, n=3, cutoff=0.6)
+            problems.append(f"--{key} (did you mean {', '.join('--' + c for c in close)}?)" if close else f"--{key}")
     if problems:
         raise ValueError(
             f"override matches no config ID, so it would change nothing: {'; '.join(problems)}. Config files: {files}."

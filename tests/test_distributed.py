@@ -124,7 +124,7 @@ def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
     for stage in ("train", "validate", "prior_train", "prior_validate"):
         sampler = parser[f"{stage}::sampler"]
         assert sampler["_target_"] == "DistributedSampler" and sampler["even_divisible"] is True
-        assert parser[f"{stage}::dataloader::sampler"] == f"@{stage}::sampler".replace("::", "#")
+        assert parser[f"{stage}::dataloader::sampler"] == f"@{stage}::sampler"
         assert parser[f"{stage}::dataloader::shuffle"] is False
     # savers and loaders see the raw networks' state dicts: ignite unwraps DDP, and frozen_vqvae loads network_def
     assert "@network_def" in parser["frozen_vqvae"]

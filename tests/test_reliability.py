@@ -144,7 +144,7 @@ def test_same_seed_same_weights_and_run_record(tmp_path: Path, phantom_dir: Path
     record = json.loads((tmp_path / "a" / "checkpoints" / "run_config.json").read_text())
     versions = json.loads((tmp_path / "a" / "checkpoints" / "versions.json").read_text())
     assert record["config"]["max_epochs"] == 1 and record["config"]["channels"] == [16, 32]
-    assert record["config"]["network_def"]["_target_"] == "bundle.stage1_vqvae.vqvae.VQVAE"  # macros expanded
+    assert record["config"]["network_def"]["_target_"] == "bundle.stage1_vqvae.vqvae2.VQVAE2"  # macros expanded
     assert versions["torch"] == torch.__version__ and versions["monai"]
 
 

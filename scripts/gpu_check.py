@@ -36,9 +36,19 @@ import torch  # noqa: E402
 
 NO_GPU_MESSAGE = "gpu_check: NO CUDA GPU is available here (torch.cuda.is_available() is False): nothing was checked."
 EPOCH_LINE = re.compile(r" - (\S+) - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
-METRIC_LINE = re.compile(r"\b(val_\w+|grad_scaler_skipped|grad_scale|nonfinite_skipped|codebook_\w+): (-?[\d.eE+-]+|nan|inf)")
-STEP_LIMITS_S = {"cuda_tests": 150, "phantoms": 60, "train_amp_auto": 90, "train_fp16": 90, "ddp_1gpu": 100,
-                 "inference_latency": 60, "sampling": 90, "train_compile": 180}
+METRIC_LINE = re.compile(
+    r"\b(val_\w+|grad_scaler_skipped|grad_scale|nonfinite_skipped|codebook_\w+): (-?[\d.eE+-]+|nan|inf)"
+)
+STEP_LIMITS_S = {
+    "cuda_tests": 150,
+    "phantoms": 60,
+    "train_amp_auto": 90,
+    "train_fp16": 90,
+    "ddp_1gpu": 100,
+    "inference_latency": 60,
+    "sampling": 90,
+    "train_compile": 180,
+}
 MIN_STEP_S = 20
 
 
@@ -47,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="gpu_check_out")
     parser.add_argument("--python", default=sys.executable, help="the interpreter for the steps")
-    parser.add_argument("--train_config", default="configs/train.json")
+    parser.add_argument(
+        "--train_configs",
+        default="configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
+        help="the configs layered for training both stages, comma-separated",
+    )
     parser.add_argument("--multi_gpu_config", default="configs/multi_gpu_train.json")
     parser.add_argument("--inference_config", default="configs/inference.json")
     parser.add_argument("--run_id", default="training")
@@ -62,20 +76,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def training_commands(args: argparse.Namespace, data_dir: Path, runs_dir: Path) -> dict[str, list[str]]:
     """The ``monai.bundle`` training command of each training step."""
-    def bundle_run(name: str, variant: str, config: str, launcher: list[str]) -> list[str]:
+
+    def bundle_run(name: str, variant: str, configs: list[str], launcher: list[str]) -> list[str]:
         out = runs_dir / name
-        return [*launcher, "-m", "monai.bundle", "run", args.run_id, "--config_file", config,
-                "--dataset_dir", str(data_dir), "--output_dir", str(out), "--ckpt_dir", str(out / "models"),
-                *shlex.split(args.short_run), *shlex.split(variant)]
+        return [
+            *launcher,
+            "-m",
+            "monai.bundle",
+            "run",
+            args.run_id,
+            "--config_file",
+            str(configs),
+            "--dataset_dir",
+            str(data_dir),
+            "--output_dir",
+            str(out),
+            "--ckpt_dir",
+            str(out / "models"),
+            *shlex.split(args.short_run),
+            *shlex.split(variant),
+        ]
 
     python = [args.python]
     torchrun = [args.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    both = str([args.train_config, args.multi_gpu_config])
+    configs = args.train_configs.split(",")
     return {
-        "train_amp_auto": bundle_run("train_amp_auto", args.amp_auto, args.train_config, python),
-        "train_fp16": bundle_run("train_fp16", args.amp_fp16, args.train_config, python),
-        "ddp_1gpu": bundle_run("ddp_1gpu", args.amp_auto, both, torchrun),
-        "train_compile": bundle_run("train_compile", args.compiled, args.train_config, python),
+        "train_amp_auto": bundle_run("train_amp_auto", args.amp_auto, configs, python),
+        "train_fp16": bundle_run("train_fp16", args.amp_fp16, configs, python),
+        "ddp_1gpu": bundle_run("ddp_1gpu", args.amp_auto, [*configs, args.multi_gpu_config], torchrun),
+        "train_compile": bundle_run("train_compile", args.compiled, configs, python),
     }
 
 
@@ -84,10 +113,9 @@ def unknown_overrides(command: list[str]) -> list[str]:
     from monai.bundle import ConfigParser
 
     start = command.index("--config_file")
-    files = command[start + 1]
     parser = ConfigParser()
-    parser.read_config(ast.literal_eval(files) if files.startswith("[") else files)
-    keys = [arg[2:] for arg in command[start + 2:] if arg.startswith("--")]
+    parser.read_config(ast.literal_eval(command[start + 1]))
+    keys = [arg[2:] for arg in command[start + 2 :] if arg.startswith("--")]
     return [key for key in keys if key not in parser]
 
 
@@ -101,8 +129,13 @@ def run_step(command: list[str], log_path: Path, limit_s: float) -> dict[str, An
     except subprocess.TimeoutExpired as expired:
         rc, output = "timeout", _text(expired.stdout) + _text(expired.stderr)
     log_path.write_text(output)
-    step: dict[str, Any] = {"ok": rc == 0, "rc": rc, "seconds": round(time.perf_counter() - start, 1),
-                            "command": shlex.join(command), "log": str(log_path)}
+    step: dict[str, Any] = {
+        "ok": rc == 0,
+        "rc": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "command": shlex.join(command),
+        "log": str(log_path),
+    }
     if rc != 0:
         step["log_tail"] = output[-3000:]
     return step
@@ -117,7 +150,9 @@ def training_summary(log: str, out_dir: Path) -> dict[str, Any]:
     epochs: dict[str, list[float]] = {}
     for name, _, hours, minutes, seconds in EPOCH_LINE.findall(log):
         if "Trainer" in name:
-            epochs.setdefault(name.rsplit(".", 1)[-1], []).append(int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+            epochs.setdefault(name.rsplit(".", 1)[-1], []).append(
+                int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            )
     metrics = {name: float(value) for name, value in METRIC_LINE.findall(log)}
     return {
         "trainer_epoch_seconds": epochs,
@@ -147,7 +182,9 @@ def inference_latency(inference_config: str) -> dict[str, Any]:
         network = network.to(memory_format=layout)
         for batch in (1, 16):
             x = torch.rand(batch, 1, *size, device=device)
-            results[f"{name}_batch{batch}_ms_per_slice"] = round(1000 * _best_time(lambda: inferer(x, network)) / batch, 3)
+            results[f"{name}_batch{batch}_ms_per_slice"] = round(
+                1000 * _best_time(lambda: inferer(x, network)) / batch, 3
+            )
     return results
 
 
@@ -172,10 +209,29 @@ def sampling_command(args: argparse.Namespace, json_path: Path) -> list[str]:
     parser = ConfigParser()
     parser.read_config(args.inference_config)
     height, width = parser.get_parsed_content("latent_shape")
-    sizes = {"--channels": "prior_channels", "--layers": "prior_layers", "--kernel_size": "prior_kernel_size",
-             "--num_embeddings": "num_embeddings", "--head_channels": "prior_head_channels"}
-    command = [args.python, "scripts/benchmark_sampling.py", "--device", "cuda", "--json", str(json_path),
-               "--height", str(height), "--width", str(width), "--naive_rows", str(height), "--num_samples", "4"]
+    sizes = {
+        "--channels": "prior_channels",
+        "--layers": "prior_layers",
+        "--kernel_size": "prior_kernel_size",
+        "--num_embeddings": "num_embeddings",
+        "--head_channels": "prior_head_channels",
+    }
+    command = [
+        args.python,
+        "scripts/benchmark_sampling.py",
+        "--device",
+        "cuda",
+        "--json",
+        str(json_path),
+        "--height",
+        str(height),
+        "--width",
+        str(width),
+        "--naive_rows",
+        str(height),
+        "--num_samples",
+        "4",
+    ]
     for flag, key in sizes.items():
         command += [flag, str(parser.get_parsed_content(key))]
     return command
@@ -183,6 +239,7 @@ def sampling_command(args: argparse.Namespace, json_path: Path) -> list[str]:
 
 def environment() -> dict[str, Any]:
     """The device, its driver and the library versions."""
+
     def version(package: str) -> str | None:
         try:
             return metadata.version(package)
@@ -190,15 +247,30 @@ def environment() -> dict[str, Any]:
             return None
 
     properties = torch.cuda.get_device_properties(0)
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True, check=False) if _has("nvidia-smi") else None
+    driver = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if _has("nvidia-smi")
+        else None
+    )
     return {
-        "device": properties.name, "compute_capability": f"{properties.major}.{properties.minor}",
-        "memory_gib": round(properties.total_memory / 2**30, 1), "device_count": torch.cuda.device_count(),
+        "device": properties.name,
+        "compute_capability": f"{properties.major}.{properties.minor}",
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "device_count": torch.cuda.device_count(),
         "driver": driver.stdout.strip() if driver and driver.returncode == 0 else None,
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(), "triton": version("triton"), "monai": version("monai"),
-        "pytorch-ignite": version("pytorch-ignite"), "bf16_supported": torch.cuda.is_bf16_supported(False),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "triton": version("triton"),
+        "monai": version("monai"),
+        "pytorch-ignite": version("pytorch-ignite"),
+        "bf16_supported": torch.cuda.is_bf16_supported(False),
     }
 
 
@@ -215,8 +287,12 @@ class Check:
         self.args, self.out_dir = args, Path(args.out_dir).resolve()
         (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.budget_s
-        self.results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(),
-                                        "budget_s": args.budget_s, "steps": {}}
+        self.results: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "environment": environment(),
+            "budget_s": args.budget_s,
+            "steps": {},
+        }
 
     def step(self, name: str, action: Callable[[float], dict[str, Any]]) -> dict[str, Any]:
         """Runs ``action(limit_s)`` for step ``name`` unless the budget is spent; records and saves the result."""
@@ -235,6 +311,7 @@ class Check:
 
     def command(self, name: str, command: list[str], summarise: bool = False) -> dict[str, Any]:
         """Runs a command as step ``name``; a training step's log is summarised."""
+
         def action(limit: float) -> dict[str, Any]:
             result = run_step(command, self.out_dir / "logs" / f"{name}.log", limit)
             if summarise:
@@ -272,8 +349,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     check = Check(args)
     data_dir, runs_dir = check.out_dir / "phantom", check.out_dir / "runs"
-    check.command("cuda_tests", [args.python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider",
-                                 "--continue-on-collection-errors"])
+    check.command(
+        "cuda_tests",
+        [
+            args.python,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "tests",
+            "-p",
+            "no:cacheprovider",
+            "--continue-on-collection-errors",
+        ],
+    )
     check.command("phantoms", [args.python, "scripts/make_phantoms.py", "--out_dir", str(data_dir)])
     commands = training_commands(args, data_dir, runs_dir)
     for name in ("train_amp_auto", "train_fp16", "ddp_1gpu"):

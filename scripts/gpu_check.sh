@@ -13,8 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # ---- Everything this check assumes about the configs: change it here when they are renamed. ----------------
-TRAIN_CONFIG="configs/train.json"
-MULTI_GPU_CONFIG="configs/multi_gpu_train.json"
+TRAIN_CONFIGS="configs/inference.json,configs/train_vqvae.json,configs/train_prior.json"   # layered, in order
+MULTI_GPU_CONFIG="configs/multi_gpu_train.json"                  # layered on top for the torchrun run
 INFERENCE_CONFIG="configs/inference.json"
 TRAIN_RUN_ID="training"                                          # both stages
 SHORT_RUN="--resume False --max_epochs 3 --prior_max_epochs 2"   # added to every training run
@@ -28,7 +28,7 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 OUT_DIR="${1:-gpu_check_out}"
-ARGS=(--out_dir "$OUT_DIR" --python "$PYTHON" --train_config "$TRAIN_CONFIG" --multi_gpu_config "$MULTI_GPU_CONFIG"
+ARGS=(--out_dir "$OUT_DIR" --python "$PYTHON" --train_configs "$TRAIN_CONFIGS" --multi_gpu_config "$MULTI_GPU_CONFIG"
       --inference_config "$INFERENCE_CONFIG" --run_id "$TRAIN_RUN_ID" --short_run "$SHORT_RUN" --amp_auto "$AMP_AUTO"
       --amp_fp16 "$AMP_FP16" --compiled "$COMPILED" --budget_s "$BUDGET_S")
 

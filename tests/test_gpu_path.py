@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+from conftest import ROOT
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from torch.overrides import TorchFunctionMode
@@ -20,14 +21,26 @@ from torch.overrides import TorchFunctionMode
 from bundle.engine.amp import needs_grad_scaler, resolve_amp_dtype
 from bundle.engine.guards import NonFiniteGuard
 from bundle.engine.inferers import AutocastInferer
-from conftest import ROOT
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Tensor calls that copy a value to the host, so on a GPU they wait for the device. (``.to()`` is left out: on the
 # CPU a copy to the host cannot be told from a no-op; the CUDA tests below catch it.)
-SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__", "__repr__",
-           "equal", "allclose", "is_nonzero"}
+SYNCING = {
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__format__",
+    "__repr__",
+    "equal",
+    "allclose",
+    "is_nonzero",
+}
 PER_STEP_HANDLERS = ("save_state", "check_step", "after_step")
 
 
@@ -44,8 +57,9 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_syncs(guard: NonFiniteGuard, context: Callable[[], Any],
-                names: tuple[str, ...] = (*PER_STEP_HANDLERS, "read_counters")) -> dict[str, list[str]]:
+def count_syncs(
+    guard: NonFiniteGuard, context: Callable[[], Any], names: tuple[str, ...] = (*PER_STEP_HANDLERS, "read_counters")
+) -> dict[str, list[str]]:
     """Runs the guard's handlers ``names`` under ``context()`` (call before ``attach``); returns their syncs."""
     calls: dict[str, list[str]] = {name: [] for name in names}
 
@@ -86,20 +100,37 @@ def tiny_network(device: str = "cpu") -> torch.nn.Sequential:
 def batches(count: int, nan_at: tuple[int, ...] = (), device: str = "cpu") -> list[dict[str, torch.Tensor]]:
     """``count`` batches; those at the 1-based iterations ``nan_at`` hold a NaN pixel (so BatchNorm's stats go NaN)."""
     generator = torch.Generator().manual_seed(1)
-    data = [{"image": torch.rand(2, 1, 8, 8, generator=generator), "label": torch.rand(2, 1, 8, 8, generator=generator)}
-            for _ in range(count)]
+    data = [
+        {"image": torch.rand(2, 1, 8, 8, generator=generator), "label": torch.rand(2, 1, 8, 8, generator=generator)}
+        for _ in range(count)
+    ]
     for iteration in nan_at:
         data[iteration - 1]["image"][0, 0, 0, 0] = float("nan")
     return [{key: value.to(device) for key, value in batch.items()} for batch in data]
 
 
-def tiny_trainer(guard: NonFiniteGuard, optimizer: torch.optim.Optimizer, data: list[dict], amp: bool = False,
-                 device: str = "cpu", max_epochs: int = 1) -> SupervisedTrainer:
+def tiny_trainer(
+    guard: NonFiniteGuard,
+    optimizer: torch.optim.Optimizer,
+    data: list[dict],
+    amp: bool = False,
+    device: str = "cpu",
+    max_epochs: int = 1,
+) -> SupervisedTrainer:
     """A ``SupervisedTrainer`` as the configs build it (no decollation), with only the guard attached."""
-    return SupervisedTrainer(device=torch.device(device), max_epochs=max_epochs, train_data_loader=data,
-                             epoch_length=len(data), network=guard.network, optimizer=optimizer,
-                             loss_function=torch.nn.MSELoss(), train_handlers=[guard], decollate=False, amp=amp,
-                             amp_kwargs={"dtype": torch.float16})
+    return SupervisedTrainer(
+        device=torch.device(device),
+        max_epochs=max_epochs,
+        train_data_loader=data,
+        epoch_length=len(data),
+        network=guard.network,
+        optimizer=optimizer,
+        loss_function=torch.nn.MSELoss(),
+        train_handlers=[guard],
+        decollate=False,
+        amp=amp,
+        amp_kwargs={"dtype": torch.float16},
+    )
 
 
 def training_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -139,8 +170,11 @@ def test_auto_dtype_is_bf16_on_the_cpu_and_names_are_checked() -> None:
 def test_auto_dtype_on_cuda_follows_native_bf16_support(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
     asked = []
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
-        including_emulation) or native_bf16)
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: asked.append(including_emulation) or native_bf16,
+    )
     assert resolve_amp_dtype("auto", "cuda") == (torch.bfloat16 if native_bf16 else torch.float16)
     assert asked == [False]  # emulated bf16 (pre-Ampere GPUs) is slow: only native support counts
     assert resolve_amp_dtype("float16", "cuda:0") == torch.float16
@@ -255,7 +289,8 @@ def inf_gradients_at(trainer: SupervisedTrainer, iterations: set[int] | None) ->
     current = [0]
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: current.__setitem__(0, engine.state.iteration))
     trainer.network[2].weight.register_hook(
-        lambda grad: grad * float("inf") if iterations is None or current[0] in iterations else grad)
+        lambda grad: grad * float("inf") if iterations is None or current[0] in iterations else grad
+    )
 
 
 def test_with_a_scaler_the_guard_counts_its_skipped_steps_and_goes_on_without_syncing() -> None:
@@ -324,8 +359,9 @@ def test_cuda_guard_never_syncs_per_step_and_catches_a_nan_batch(engine_amp: boo
 def test_cuda_training_iterations_make_no_host_sync(engine_amp: bool) -> None:
     net = tiny_network("cuda")
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01, fused=True)
-    trainer = tiny_trainer(NonFiniteGuard(net, check_interval=0), optimizer, batches(5, device="cuda"), amp=engine_amp,
-                           device="cuda")
+    trainer = tiny_trainer(
+        NonFiniteGuard(net, check_interval=0), optimizer, batches(5, device="cuda"), amp=engine_amp, device="cuda"
+    )
     trainer.add_event_handler(Events.ITERATION_STARTED(once=2), lambda: torch.cuda.set_sync_debug_mode("error"))
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda: torch.cuda.set_sync_debug_mode("default"))
     try:
@@ -344,8 +380,14 @@ def test_cuda_auto_dtype_and_fp16_training_with_the_engines_scaler() -> None:
     AutocastInferer(amp=True, dtype="auto")(torch.rand(2, 4, device="cuda"), probe)
     assert probe.seen == [resolve_amp_dtype("auto", "cuda")]
     net = tiny_network("cuda")
-    trainer = tiny_trainer(NonFiniteGuard(net), torch.optim.Adam(net.parameters(), lr=0.01), batches(4, device="cuda"),
-                           amp=needs_grad_scaler(True, torch.float16, "cuda"), device="cuda", max_epochs=2)
+    trainer = tiny_trainer(
+        NonFiniteGuard(net),
+        torch.optim.Adam(net.parameters(), lr=0.01),
+        batches(4, device="cuda"),
+        amp=needs_grad_scaler(True, torch.float16, "cuda"),
+        device="cuda",
+        max_epochs=2,
+    )
     trainer.run()
     assert trainer.scaler is not None and trainer.scaler.is_enabled()
     assert trainer.state.metrics["grad_scale"] > 0 and "grad_scaler_skipped" in trainer.state.metrics
@@ -355,8 +397,14 @@ def test_cuda_auto_dtype_and_fp16_training_with_the_engines_scaler() -> None:
 # ---------------------------------------------------------------------------------------------- gpu_check.sh -----
 def run_gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
-                          env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_gpu_check_says_there_is_no_gpu_and_fails(tmp_path: Path) -> None:

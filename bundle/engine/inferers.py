@@ -37,7 +37,9 @@ class AutocastInferer(Inferer):
         super().__init__()
         for name, value in (("amp", amp), ("channels_last", channels_last)):
             if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}: on the command line write --{name} True or False.")
+                raise TypeError(
+                    f"{name} must be a bool, got {value!r}: on the command line write --{name} True or False."
+                )
         if dtype != "auto":
             dtype = resolve_amp_dtype(dtype, "cpu")  # validates the name; device checks happen at the first call
         self.amp, self.dtype, self.channels_last, self.output_index = amp, dtype, channels_last, output_index

@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -120,14 +121,21 @@ def unknown_overrides(command: list[str]) -> list[str]:
 
 
 def run_step(command: list[str], log_path: Path, limit_s: float) -> dict[str, Any]:
-    """Runs ``command`` from the bundle root with a time limit, its output into ``log_path``."""
+    """Runs ``command`` from the bundle root with a time limit, its output into ``log_path``.
+
+    The command runs in its own process group, killed whole at the limit (``torchrun`` leaves workers otherwise).
+    """
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit_s, env=env)
-        rc, output = result.returncode, result.stdout + result.stderr
-    except subprocess.TimeoutExpired as expired:
-        rc, output = "timeout", _text(expired.stdout) + _text(expired.stderr)
+        output, _ = process.communicate(timeout=limit_s)
+        rc: int | str = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, rc = process.communicate()[0], "timeout"
     log_path.write_text(output)
     step: dict[str, Any] = {
         "ok": rc == 0,
@@ -141,21 +149,22 @@ def run_step(command: list[str], log_path: Path, limit_s: float) -> dict[str, An
     return step
 
 
-def _text(value: bytes | str | None) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+def trainer_epoch_seconds(log: str) -> list[list[float]]:
+    """Seconds per epoch of each trainer run in the log, in order (a run starts again at epoch 1)."""
+    runs: list[list[float]] = []
+    for name, epoch, hours, minutes, seconds in EPOCH_LINE.findall(log):
+        if name.endswith("Trainer"):
+            if epoch == "1" or not runs:
+                runs.append([])
+            runs[-1].append(int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+    return runs
 
 
 def training_summary(log: str, out_dir: Path) -> dict[str, Any]:
-    """What a training log says: epoch times per trainer, the last value of each metric, compile fall-backs."""
-    epochs: dict[str, list[float]] = {}
-    for name, _, hours, minutes, seconds in EPOCH_LINE.findall(log):
-        if "Trainer" in name:
-            epochs.setdefault(name.rsplit(".", 1)[-1], []).append(
-                int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-            )
+    """What a training log says: epoch times per stage, the last value of each metric, compile fall-backs."""
     metrics = {name: float(value) for name, value in METRIC_LINE.findall(log)}
     return {
-        "trainer_epoch_seconds": epochs,
+        "trainer_epoch_seconds": trainer_epoch_seconds(log),
         "last_metrics": metrics,
         "grad_scaler_active": "grad_scaler_skipped" in metrics,
         "ran_eagerly_lines": [line[-300:] for line in log.splitlines() if "runs eagerly" in line][:5],
@@ -163,15 +172,15 @@ def training_summary(log: str, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def inference_latency(inference_config: str) -> dict[str, Any]:
-    """Milliseconds per slice of the reconstruction network: fp32, and amp "auto" with channels-last."""
+def inference_latency(inference_config: str, device: str = "cuda", repeats: int = 30) -> dict[str, Any]:
+    """Milliseconds per slice of the reconstruction network (best of ``repeats``): fp32, and amp "auto" with
+    channels-last, at batch 1 and 16."""
     from monai.bundle import ConfigParser
 
     from bundle.engine.inferers import AutocastInferer
 
     parser = ConfigParser()
     parser.read_config(inference_config)
-    device = torch.device("cuda")
     network = parser.get_parsed_content("network_def").to(device).eval()
     size = list(parser.get_parsed_content("image_size"))
     results: dict[str, Any] = {"image_size": size}
@@ -182,22 +191,27 @@ def inference_latency(inference_config: str) -> dict[str, Any]:
         network = network.to(memory_format=layout)
         for batch in (1, 16):
             x = torch.rand(batch, 1, *size, device=device)
-            results[f"{name}_batch{batch}_ms_per_slice"] = round(
-                1000 * _best_time(lambda: inferer(x, network)) / batch, 3
-            )
+            seconds = best_time(lambda: inferer(x, network), torch.device(device), repeats)
+            results[f"{name}_batch{batch}_ms_per_slice"] = round(1000 * seconds / batch, 3)
     return results
 
 
-def _best_time(function: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
+def best_time(function: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """The best wall time of ``repeats`` calls of ``function`` without gradients, after ``warmup`` calls."""
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     with torch.no_grad():
         for _ in range(warmup):
             function()
-        torch.cuda.synchronize()
         best = float("inf")
         for _ in range(repeats):
+            synchronize()
             start = time.perf_counter()
             function()
-            torch.cuda.synchronize()
+            synchronize()
             best = min(best, time.perf_counter() - start)
     return best
 
@@ -246,38 +260,36 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    properties = torch.cuda.get_device_properties(0)
-    driver = (
-        subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if _has("nvidia-smi")
-        else None
-    )
+    found: dict[str, Any] = {"device": None}
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        found = {
+            "device": properties.name,
+            "compute_capability": f"{properties.major}.{properties.minor}",
+            "memory_gib": round(properties.total_memory / 2**30, 1),
+            "device_count": torch.cuda.device_count(),
+            "bf16_supported": torch.cuda.is_bf16_supported(including_emulation=False),
+            "driver": _nvidia_smi("driver_version"),
+        }
     return {
-        "device": properties.name,
-        "compute_capability": f"{properties.major}.{properties.minor}",
-        "memory_gib": round(properties.total_memory / 2**30, 1),
-        "device_count": torch.cuda.device_count(),
-        "driver": driver.stdout.strip() if driver and driver.returncode == 0 else None,
+        **found,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
-        "triton": version("triton"),
-        "monai": version("monai"),
-        "pytorch-ignite": version("pytorch-ignite"),
-        "bf16_supported": torch.cuda.is_bf16_supported(False),
+        **{package: version(package) for package in ("triton", "monai", "pytorch-ignite", "numpy")},
     }
 
 
-def _has(program: str) -> bool:
+def _nvidia_smi(field: str) -> str | None:
     from shutil import which
 
-    return which(program) is not None
+    if which("nvidia-smi") is None:
+        return None
+    result = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 class Check:
@@ -296,7 +308,7 @@ class Check:
 
     def step(self, name: str, action: Callable[[float], dict[str, Any]]) -> dict[str, Any]:
         """Runs ``action(limit_s)`` for step ``name`` unless the budget is spent; records and saves the result."""
-        limit = min(STEP_LIMITS_S[name], self.deadline - time.monotonic())
+        limit = min(STEP_LIMITS_S.get(name, 60), self.deadline - time.monotonic())
         if limit < MIN_STEP_S:
             result: dict[str, Any] = {"ok": False, "skipped": "out of time budget"}
         else:
@@ -333,6 +345,7 @@ def dry_run(args: argparse.Namespace) -> int:
     problems = {name: unknown_overrides(command) for name, command in commands.items()}
     for name, command in commands.items():
         print(f"{name}: {shlex.join(command)}")
+    print(f"sampling: {shlex.join(sampling_command(args, Path(args.out_dir) / 'sampling.json'))}")
     problems = {name: keys for name, keys in problems.items() if keys}
     if problems:
         print(f"gpu_check: overrides the configs do not define: {problems}", file=sys.stderr)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -155,6 +158,23 @@ def finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
+def with_cpu_scaler(trainer: SupervisedTrainer, init_scale: float) -> torch.amp.GradScaler:
+    """Gives the engine an enabled GradScaler on the CPU (MONAI creates a CUDA one, disabled here, at ``run()``)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    trainer.add_event_handler(Events.STARTED, lambda engine: setattr(engine, "scaler", scaler))
+    return scaler
+
+
+def bad_gradients_at(trainer: SupervisedTrainer, iterations: set[int] | None, value: float = float("inf")) -> None:
+    """Puts ``value`` into the last layer's weight gradient at ``iterations`` (every one when None); the loss stays
+    finite."""
+    current = [0]
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: current.__setitem__(0, engine.state.iteration))
+    trainer.network[2].weight.register_hook(
+        lambda grad: torch.full_like(grad, value) if iterations is None or current[0] in iterations else grad
+    )
+
+
 # ------------------------------------------------------------------------------------------------ autocast dtype ---
 def test_auto_dtype_is_bf16_on_the_cpu_and_names_are_checked() -> None:
     assert resolve_amp_dtype("auto", "cpu") == torch.bfloat16
@@ -244,6 +264,18 @@ def test_fused_optimizer_skips_a_nan_batch_on_the_device_without_syncing() -> No
     assert syncs["read_counters"] == ["tolist"] * 3
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_fused_optimizer_skips_a_step_whose_gradient_alone_is_not_finite(value: float) -> None:
+    net = tiny_network()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01, fused=True)
+    guard = NonFiniteGuard(net, mode="skip", check_interval=0)
+    trainer = tiny_trainer(guard, optimizer, batches(4))
+    bad_gradients_at(trainer, {2}, value)
+    bad = record_iteration(trainer, 2, lambda: [p.detach().clone() for p in net.parameters()])
+    trainer.run()
+    assert same(bad["before"], bad["after"]) and guard.skipped == 1
+
+
 def test_fused_optimizer_in_stop_mode_raises_at_the_next_read_naming_the_bad_iteration() -> None:
     net = tiny_network()
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01, fused=True)
@@ -277,29 +309,13 @@ def test_other_optimizers_cost_one_sync_per_step_and_stop_before_the_step() -> N
 
 
 # ------------------------------------------------------------------------------------ guard with a GradScaler ----
-def with_cpu_scaler(trainer: SupervisedTrainer, init_scale: float) -> torch.amp.GradScaler:
-    """Gives the engine an enabled GradScaler on the CPU (MONAI creates a CUDA one, disabled here, at ``run()``)."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    trainer.add_event_handler(Events.STARTED, lambda engine: setattr(engine, "scaler", scaler))
-    return scaler
-
-
-def inf_gradients_at(trainer: SupervisedTrainer, iterations: set[int] | None) -> None:
-    """Makes the last layer's weight gradient infinite at ``iterations`` (every one when None); the loss stays finite."""
-    current = [0]
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: current.__setitem__(0, engine.state.iteration))
-    trainer.network[2].weight.register_hook(
-        lambda grad: grad * float("inf") if iterations is None or current[0] in iterations else grad
-    )
-
-
 def test_with_a_scaler_the_guard_counts_its_skipped_steps_and_goes_on_without_syncing() -> None:
     net = tiny_network()
     guard = NonFiniteGuard(net, check_interval=0)
     syncs = count_syncs(guard, SyncCounter)
     trainer = tiny_trainer(guard, torch.optim.Adam(net.parameters(), lr=0.01), batches(6), amp=True)
     scaler = with_cpu_scaler(trainer, init_scale=2.0**8)
-    inf_gradients_at(trainer, {3})
+    bad_gradients_at(trainer, {3})
     skipped = record_iteration(trainer, 3, lambda: [p.detach().clone() for p in net.parameters()])
     trainer.run()
     assert trainer.state.iteration == 6  # a step the scaler skipped is no divergence
@@ -329,7 +345,7 @@ def test_with_a_scaler_a_collapsing_scale_stops() -> None:
     guard = NonFiniteGuard(net, check_interval=1, min_grad_scale=1.0)
     trainer = tiny_trainer(guard, torch.optim.Adam(net.parameters(), lr=0.01), batches(8), amp=True)
     with_cpu_scaler(trainer, init_scale=4.0)
-    inf_gradients_at(trainer, None)
+    bad_gradients_at(trainer, None)
     with pytest.raises(FloatingPointError, match=r"scale fell to 0.5 \(below 1\)"):
         trainer.run()
     assert trainer.state.iteration == 3 and guard.scaler_skipped == 3
@@ -345,12 +361,13 @@ def test_cuda_guard_never_syncs_per_step_and_catches_a_nan_batch(engine_amp: boo
     guard = NonFiniteGuard(net, mode="skip", check_interval=0)
     count_syncs(guard, cuda_sync_errors, names=PER_STEP_HANDLERS)
     trainer = tiny_trainer(guard, optimizer, batches(6, nan_at=(3,), device="cuda"), amp=engine_amp, device="cuda")
+    bad_gradients_at(trainer, {5}, float("nan"))  # a NaN gradient with a finite loss: found by the fused max-norm
     trainer.run()
     assert finite(training_state(net, optimizer))
-    if engine_amp:  # MONAI's own GradScaler skipped the NaN step (and maybe early overflows)
-        assert guard.scaler is not None and trainer.state.metrics["grad_scaler_skipped"] >= 1
+    if engine_amp:  # MONAI's own GradScaler skipped both steps (and maybe early overflows)
+        assert guard.scaler is not None and trainer.state.metrics["grad_scaler_skipped"] >= 2
     else:
-        assert trainer.state.metrics["nonfinite_skipped"] == 1
+        assert trainer.state.metrics["nonfinite_skipped"] == 2
 
 
 @pytest.mark.cuda
@@ -418,6 +435,69 @@ def test_gpu_check_training_overrides_exist_in_the_configs(tmp_path: Path) -> No
     result = run_gpu_check(tmp_path, GPU_CHECK_DRY_RUN="1")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-    assert sorted(lines) == ["ddp_1gpu", "train_amp_auto", "train_compile", "train_fp16"]
+    assert sorted(lines) == ["ddp_1gpu", "sampling", "train_amp_auto", "train_compile", "train_fp16"]
     assert "--amp_dtype float16" in lines["train_fp16"] and "--compile True" in lines["train_compile"]
     assert "torch.distributed.run --standalone --nproc_per_node=1" in lines["ddp_1gpu"]
+    assert "configs/multi_gpu_train.json" in lines["ddp_1gpu"] and "multi_gpu" not in lines["train_fp16"]
+    assert "--naive_rows 64 " in lines["sampling"] and "--height 64 --width 32" in lines["sampling"]
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> Any:
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_records_each_step_and_skips_what_no_longer_fits(gpu_check: Any, tmp_path: Path) -> None:
+    args = gpu_check.parse_args(["--out_dir", str(tmp_path), "--budget_s", "40"])
+    check = gpu_check.Check(args)
+    assert check.command("passes", [sys.executable, "-c", "print('fine')"])["ok"] is True
+    failed = check.command("fails", [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"])
+    assert failed["ok"] is False and failed["rc"] == 3 and "broken" in failed["log_tail"]
+    check.deadline = time.monotonic() + gpu_check.MIN_STEP_S - 1
+    assert check.command("late", [sys.executable, "-c", "1"]) == {"ok": False, "skipped": "out of time budget"}
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(saved["steps"]) == ["passes", "fails", "late"] and saved["all_ok"] is False
+    assert (tmp_path / "logs" / "passes.log").read_text() == "fine\n"
+    assert saved["environment"]["torch"] == torch.__version__
+
+
+def test_gpu_check_stops_a_step_at_its_time_limit(gpu_check: Any, tmp_path: Path) -> None:
+    start = time.monotonic()
+    sleeper = "import time; print('started', flush=True); time.sleep(60)"
+    step = gpu_check.run_step([sys.executable, "-c", sleeper], tmp_path / "slow.log", limit_s=3)
+    assert time.monotonic() - start < 30
+    assert step["ok"] is False and step["rc"] == "timeout" and "started" in step["log_tail"]
+
+
+def test_gpu_check_reads_epoch_times_per_stage_and_the_last_metrics(gpu_check: Any, tmp_path: Path) -> None:
+    stamp = "2026-01-01 10:00:00,000 -"
+    done = " - INFO - Epoch[{}] Complete. Time taken: {}"
+    log = "\n".join(
+        [
+            stamp + " ignite.engine.engine.SupervisedTrainer" + done.format(1, "00:01:02.500"),
+            stamp + " ignite.engine.engine.SupervisedEvaluator" + done.format(1, "00:00:01.000"),
+            stamp + " INFO - Epoch[1] Metrics -- val_ssim: 0.5000 grad_scaler_skipped: 2.0000 grad_scale: 32768.0000 ",
+            stamp + " ignite.engine.engine.SupervisedTrainer" + done.format(2, "00:00:03.250"),
+            stamp + " INFO - Epoch[2] Metrics -- val_ssim: 0.7500 ",
+            stamp + " ignite.engine.engine.SupervisedTrainer" + done.format(1, "00:00:02.000"),
+            stamp + " bundle.engine.compiling - WARNING - torch.compile failed on a graph of 12 nodes, which runs "
+            "eagerly instead: InductorError: boom",
+        ]
+    )
+    (tmp_path / "models" / "prior").mkdir(parents=True)
+    (tmp_path / "models" / "prior" / "prior.pt").write_bytes(b"")
+    summary = gpu_check.training_summary(log, tmp_path)
+    assert summary["trainer_epoch_seconds"] == [[62.5, 3.25], [2.0]]
+    assert summary["last_metrics"] == {"val_ssim": 0.75, "grad_scaler_skipped": 2.0, "grad_scale": 32768.0}
+    assert summary["grad_scaler_active"] is True and summary["weights"] == ["models/prior/prior.pt"]
+    assert len(summary["ran_eagerly_lines"]) == 1 and "InductorError: boom" in summary["ran_eagerly_lines"][0]
+
+
+def test_gpu_check_inference_latency_builds_the_configured_network(gpu_check: Any) -> None:
+    latency = gpu_check.inference_latency(str(ROOT / "configs" / "inference.json"), device="cpu", repeats=1)
+    assert latency["image_size"] == [256, 128]
+    keys = [f"{name}_batch{batch}_ms_per_slice" for name in ("fp32", "amp_auto_channels_last") for batch in (1, 16)]
+    assert sorted(latency) == sorted(["image_size", *keys]) and all(latency[key] > 0 for key in keys)

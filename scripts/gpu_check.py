@@ -362,21 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     check = Check(args)
     data_dir, runs_dir = check.out_dir / "phantom", check.out_dir / "runs"
-    check.command(
-        "cuda_tests",
-        [
-            args.python,
-            "-m",
-            "pytest",
-            "-q",
-            "-m",
-            "cuda",
-            "tests",
-            "-p",
-            "no:cacheprovider",
-            "--continue-on-collection-errors",
-        ],
-    )
+    pytest = "-m pytest -q -rfs -m cuda tests -p no:cacheprovider --continue-on-collection-errors"
+    check.command("cuda_tests", [args.python, *shlex.split(pytest)])
     check.command("phantoms", [args.python, "scripts/make_phantoms.py", "--out_dir", str(data_dir)])
     commands = training_commands(args, data_dir, runs_dir)
     for name in ("train_amp_auto", "train_fp16", "ddp_1gpu"):

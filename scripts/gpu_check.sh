@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one command for a CUDA machine (under 8 minutes on one GPU), from the bundle root:
 #
-#     bash scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check_out
+#     bash scripts/gpu_check.sh [OUT_DIR]          # default gpu_check_out; relative paths from the bundle root
 #     PYTHON=/path/to/python bash scripts/gpu_check.sh
 #     GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh  # no GPU needed: print the training commands, check overrides
 #

@@ -35,7 +35,7 @@ def run_failing(run_id: str, config: str, *args) -> str:
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        run(run_id=run_id, config_file=config, **overrides)
+        run(run_id=run_id, config_file=config.split(","), **overrides)
     except BaseException as error:  # noqa: BLE001 - the point is to see what reaches the user
         return "".join(traceback.format_exception(error))
     finally:

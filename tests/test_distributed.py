@@ -133,10 +133,12 @@ def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
 def test_overlay_only_adds_what_changes_across_processes() -> None:
     """The overlay holds the process group, the device, DDP wrapping and samplers, and no copy of other IDs."""
     overlay = ConfigParser.load_config_file(str(ROOT / "configs" / "multi_gpu_train.json"))
-    allowed = {"device", "dist_backend", "ddp_device_ids", "network", "prior_network", "initialize", "training", "finalize"}
+    allowed = {"+imports", "device", "dist_backend", "ddp_device_ids", "network", "prior_network", "initialize", "training",
+               "finalize"}
     extra = {key for key in overlay if key not in allowed and not key.endswith("sampler")}
     assert not extra, f"the multi-GPU overlay copies IDs it does not change: {sorted(extra)}"
     assert overlay["initialize"][0].startswith("$torch.distributed.is_initialized() or")
+    assert "$idist.sync()" in overlay["initialize"], "ignite must pick up the process group before rank-0-only queries"
     assert overlay["finalize"][-1] == "$torch.distributed.destroy_process_group()"
     assert overlay["training"] == ["$@train#trainer.run()", "$torch.distributed.barrier()", "$@prior_train#trainer.run()"]
 

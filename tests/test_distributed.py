@@ -25,7 +25,7 @@ from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 
 WORLD_SIZE = 2
 
-# Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in train.json).
+# Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in the training configs).
 RANK0_ONLY = {
     "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler", "ignite.handlers.ProgressBar",
     "bundle.engine.checkpoint.EngineCheckpointSaver", "bundle.engine.checkpoint.AtomicCheckpointSaver", "bundle.stage2_prior.sample_grid.SampleGridWriter",

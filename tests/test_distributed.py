@@ -72,10 +72,10 @@ class RankProbe:
 
     def _iteration_completed(self, engine):
         batch = engine.state.batch
-        key = "codes" if "codes" in batch else "image"
+        key = "bottom" if "bottom" in batch else "image"
         self.record["items"] += len(batch[key])
-        if key == "codes":
-            self.record["codes"].append(batch["codes"].to(torch.int16).cpu())
+        if key == "bottom":
+            self.record["codes"].append(torch.cat([batch["top"].flatten(1), batch["bottom"].flatten(1)], 1).to(torch.int16).cpu())
 
     def _completed(self, engine):
         self.path.mkdir(parents=True, exist_ok=True)
@@ -192,8 +192,10 @@ def test_ranks_train_on_disjoint_shards(ddp_run: dict) -> None:
         assert records[0]["sampler"][0] != records[0]["sampler"][1], "set_epoch reshuffles each epoch"
         # drop_last with batch 4: each rank runs 9 // 4 = 2 iterations an epoch (a single process runs 18 // 4 = 4)
         assert all(r["epoch_length"] == [2, 2] and r["items"] == 2 * 2 * 4 for r in records)
-    # The prior's batches are not augmented: each rank trained on exactly the code maps of its own shard, in order.
-    cache = torch.load(ddp_run["tmp"] / "outputs" / "codes" / "train.pt", weights_only=True)["codes"]
+    # The prior's batches are not augmented: each rank trained on exactly the code maps (top and bottom) of its own
+    # shard, in order.
+    encoded = torch.load(ddp_run["tmp"] / "outputs" / "codes" / "train.pt", weights_only=True)
+    cache = torch.cat([encoded["top"].flatten(1), encoded["bottom"].flatten(1)], 1)
     trained = []
     for state, record in zip(_states(ddp_run, "prior"), _records(ddp_run, "prior")):
         used = [i for epoch in record["sampler"] for i in epoch[:8]]  # drop_last: 2 batches of 4 an epoch
@@ -229,11 +231,11 @@ def test_one_set_of_outputs_written_by_rank_0(ddp_run: dict) -> None:
 @pytest.mark.slow
 def test_codebook_and_weights_identical_on_every_rank(ddp_run: dict) -> None:
     log = ddp_run["log"]
-    assert log.count("Codebook initialised by k-means") == WORLD_SIZE
-    restarted = [int(v) for v in re.findall(r"codebook_restarted=(\d+)", log)]
+    assert log.count("codebook initialised by k-means") == 2 * WORLD_SIZE  # top and bottom, on each rank
+    restarted = [int(v) for v in re.findall(r"codebook_(?:top|bottom)_restarted=(\d+)", log)]
     assert restarted and max(restarted) > 0, "no dead-code restart happened: the broadcast after it is untested"
     digests = [r["codebook"] for r in _records(ddp_run, "vqvae")]
-    assert len(digests[0]) == 4 and digests[0] == digests[1], "ranks quantised with different codebooks"
+    assert len(digests[0]) == 2 * 4 and digests[0] == digests[1], "ranks quantised with different codebooks"
     assert len(set(digests[0])) > 1, "the codebook never moved"
     final = torch.load(ddp_run["tmp"] / "models" / "model_final.pt", weights_only=True)
     for stage in ("vqvae", "prior"):
@@ -242,6 +244,6 @@ def test_codebook_and_weights_identical_on_every_rank(ddp_run: dict) -> None:
         for key in rank0:
             assert torch.equal(rank0[key], rank1[key]), f"{stage}: {key} differs between ranks"
     rank0 = _states(ddp_run, "vqvae")[0]["state"]
-    for key in ("quantizer.quantizer.embedding.weight", "quantizer.quantizer.ema_cluster_size",
-                "quantizer.quantizer.ema_w"):
+    for key in [f"{level}_quantizer.{name}" for level in ("top", "bottom") for name in
+                ("embedding.weight", "ema_cluster_size", "ema_w")]:
         assert torch.equal(rank0[key], final[key]), key

@@ -95,7 +95,7 @@ def test_weights_from_another_configuration_are_refused(tmp_path: Path, phantom_
     other = [a if a != "64" else "32" for a in map(str, TINY_NETWORK)]  # another codebook size
     log = run_failing("evaluating", "configs/inference.json,configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out,
                       "--ckpt_dir", out / "models", *other)
-    assert "size mismatch for quantizer.quantizer.embedding.weight" in log
+    assert "size mismatch for top_quantizer.embedding.weight" in log
     # Resuming training with another width is refused too, never a silent partial load.
     wider = [a if a != "[16, 32]" else "[16, 48]" for a in map(str, TINY_NETWORK)]
     log = run_failing("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", out,

@@ -71,7 +71,7 @@ class PelvicMRIApp(MONAILabelApp):
             else:
                 logger.warning(
                     f"Model '{name}' is not available: weights missing under {self.bundle_dir}/models "
-                    "(train first: python -m monai.bundle run training --config_file "['configs/inference.json','configs/train_vqvae.json','configs/train_prior.json']")"
+                    "(train first with the README's training command, or copy trained weights there)"
                 )
         return infers
 

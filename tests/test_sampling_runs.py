@@ -83,7 +83,7 @@ def test_a_large_run_is_written_batch_by_batch(pair, tmp_path: Path, monkeypatch
     assert Path(paths[-1]).read_bytes() == Path(reference[-1]).read_bytes()
     import bundle.stage2_prior.generation as generation
 
-    monkeypatch.setattr(generation, "atomic_write_bytes", lambda path, data: None)  # names only
+    monkeypatch.setattr(generation, "atomic_write_bytes", lambda path, data, durable=True: None)  # names only
     wide = sample_to_files(
         vqvae, prior, tmp_path / "wide", num_samples=1001, seed=3, batch_size=1001, grid_count=0, progress=False
     )

@@ -74,8 +74,8 @@ def resume_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") 
         return path
     if problems:
         raise WeightsFileError(
-            "no checkpoint in '" + str(directory) + "' loads: " + " ".join(problems) + " Delete them or set "
-            "--resume False to start afresh."
+            f"no checkpoint in '{directory}' loads: {' '.join(problems)} Delete them or set --resume False to start "
+            "afresh."
         )
     return ""
 

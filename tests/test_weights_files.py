@@ -146,3 +146,27 @@ def test_saved_files_get_ordinary_permissions_and_leftovers_of_a_killed_run_are_
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "model_final.pt").stat().st_mode) == 0o666 & ~umask
     assert os.listdir(tmp_path) == ["model_final.pt"]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import bundle.engine.io as io
+    from bundle.engine.checkpoint import EngineCheckpointSaver, latest_checkpoint
+
+    saver = EngineCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": _network()}, save_interval=1, n_saved=1, epoch_level=True
+    )
+    engine = Engine(lambda e, b: None)
+    saver.attach(engine)
+    write = io.atomic_write_bytes
+
+    def full_from_epoch_3(path, data, durable=True):
+        if "epoch=3" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data, durable)
+
+    monkeypatch.setattr("bundle.engine.checkpoint.atomic_write_bytes", full_from_epoch_3)
+    with pytest.raises(OSError, match="No space left"):
+        engine.run([0], max_epochs=4)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=2.pt")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch=2.pt"]
+    assert torch.load(tmp_path / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 2

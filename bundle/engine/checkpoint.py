@@ -95,20 +95,30 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "ch
 
 class _AtomicDiskSaver(DiskSaver):
     """Ignite's ``DiskSaver`` writing through :func:`~bundle.engine.io.atomic_write_bytes`, with MONAI's
-    fixed-filename option.
+    fixed-filename option, that deletes a replaced checkpoint only once its successor is on disk.
 
     MONAI's ``CheckpointSaver`` turns atomic saving off (a kill during ``torch.save`` then leaves a truncated
     ``model.pt``), and Ignite's own atomic mode leaves its temporary file behind when closing or renaming it fails
     (a full disk). Here the checkpoint is serialised in memory, then written, synced and renamed, and a failed write
     removes its temporary file. Files get ordinary permissions.
+
+    Ignite's ``Checkpoint`` removes the oldest file it keeps *before* writing the new one; with ``n_saved=1`` a kill
+    or a full disk in between leaves no checkpoint at all, and a resume starts over. Removals are therefore
+    deferred until the next save has succeeded.
     """
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        self._replaced: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        written = self.filename or filename
+        super().__call__(checkpoint, written, metadata)
+        for name in self._replaced:
+            if name != written:
+                self._unlink(name)
+        self._replaced.clear()
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         buffer = io.BytesIO()
@@ -116,10 +126,11 @@ class _AtomicDiskSaver(DiskSaver):
         atomic_write_bytes(path, buffer.getvalue())
 
     def remove(self, filename: str) -> None:
-        # Missing when its save failed: Ignite lists a file before writing it, and removing it must not hide the
-        # save's own error (a full disk) behind a FileNotFoundError.
+        self._replaced.append(self.filename or filename)
+
+    def _unlink(self, filename: str) -> None:
         if idist.get_rank() == self.save_on_rank:
-            (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
+            (self.dirname / filename).unlink(missing_ok=True)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

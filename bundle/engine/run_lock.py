@@ -98,17 +98,25 @@ class RunLock:
                 f"'{self.path.parent}' is in use by another {self.workflow} run: {_describe(self._read_holder())}. "
                 "Wait for it to end or give this run another output folder."
             )
-        previous = self._read_holder()
-        if previous:
-            dead = (
-                ""
-                if previous.get("host") != socket.gethostname() or _pid_alive(int(previous.get("pid", 0)))
-                else (", which no longer runs")
-            )
-            logger.warning(
-                f"Taking over the stale {self.workflow} lock of '{self.path.parent}' from "
-                f"{_describe(previous)}{dead}."
-            )
+        self._warn_if_taken_over(self._read_holder())
+        self._write_holder(fd)
+        self._fd = fd
+        _HELD[self.path] = self
+        atexit.register(self.release)
+        return self
+
+    def _warn_if_taken_over(self, previous: dict) -> None:
+        """A holder recorded in a lock that was free: its run ended without releasing it (killed)."""
+        if not previous:
+            return
+        same_host = previous.get("host") == socket.gethostname()
+        gone = ", which no longer runs" if same_host and not _pid_alive(int(previous.get("pid", 0))) else ""
+        logger.warning(
+            f"Taking over the stale {self.workflow} lock of '{self.path.parent}' from {_describe(previous)}{gone}."
+        )
+
+    @staticmethod
+    def _write_holder(fd: int) -> None:
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -118,10 +126,6 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         os.fsync(fd)
-        self._fd = fd
-        _HELD[self.path] = self
-        atexit.register(self.release)
-        return self
 
     def release(self) -> None:
         """Deletes the lock file and releases the lock; does nothing when not held."""

@@ -257,7 +257,7 @@ def common_overrides(args: argparse.Namespace) -> dict:
 
 
 def training_overrides(args: argparse.Namespace, data_dir: str, work: str, plan: Plan) -> dict:
-    """Temp data and output folders, no resume, eager; stage 1 without validation and with ``epoch_length`` capped.
+    """Temp data and output folders, no resume, eager; no stage-1 validation and ``epoch_length`` capped.
 
     The trainer is compared with an eager plain loop; section 9 measures compiling.
     """
@@ -271,10 +271,12 @@ def training_overrides(args: argparse.Namespace, data_dir: str, work: str, plan:
         "train::trainer::epoch_length": plan.epoch_length,
         "resume": False,
         "compile": False,
-        "prior_max_epochs": 1,
-        "prior_val_interval": 1,
-        "prior_train::trainer::epoch_length": plan.prior_iterations,
     }
+
+
+def prior_overrides(plan: Plan) -> dict:
+    """On top of :func:`training_overrides` for stage 2: one short epoch, validated."""
+    return {"prior_max_epochs": 1, "prior_val_interval": 1, "prior_train::trainer::epoch_length": plan.prior_iterations}
 
 
 # ------------------------------------------------------------------------------------------------ primitives ---
@@ -482,7 +484,7 @@ def run(args: argparse.Namespace, work: str) -> dict:
     train_cases, val_cases, test_cases = plan.cases
     counts = write_hipmri_phantoms(data_dir, train_cases=train_cases, val_cases=val_cases, test_cases=test_cases)
     log(f"phantoms written: {counts}")
-    config = bundle_parser(STAGE1_CONFIGS, training_overrides(args, data_dir, work, plan))
+    config = bundle_parser(STAGE2_CONFIGS, training_overrides(args, data_dir, work, plan))  # prior sizes too
     device = torch.device(config.get_parsed_content("device"))
     info = machine(device)
 
@@ -893,7 +895,7 @@ class StageClock:
 def stage2_epoch(args: argparse.Namespace, plan: Plan, data_dir: str, work: str, training: dict, counts: dict) -> dict:
     """Section 10, stage 2: the config's prior trainer, eager, for ``plan.prior_iterations`` iterations and one
     validation, on codes encoded with the stage-1 weights ``stage1_epoch`` saved; scaled to a demo epoch."""
-    config = bundle_parser(STAGE2_CONFIGS, training_overrides(args, data_dir, work, plan))
+    config = bundle_parser(STAGE2_CONFIGS, {**training_overrides(args, data_dir, work, plan), **prior_overrides(plan)})
     encode_s, _ = once(
         lambda: (config.get_parsed_content("prior_train::codes"), config.get_parsed_content("prior_validate::codes"))
     )

@@ -25,11 +25,11 @@ from the layered stage configs with ``monai.bundle.ConfigParser``. What is measu
 4. **Data pipeline alone**: images/s out of the config's training ``DataLoader`` (``CacheDataset``, augmentation
    on the fly) against what the trainer consumes.
 5. **Sampling** (``scripts/benchmark_sampling.py``, imported): for each level (the top map; the bottom map
-   conditioned on the top codes), fast (cached) versus naive sampling of the full map with a batch of
-   ``prior_sample_count``-like 16 maps, ``torch.equal`` of their codes on every position naive sampled (naive is
-   EXTRAPOLATED from a few positions when a full run would be too long, and says so); decoding; the time to
-   sample 16 slices with ``bundle.stage2_prior.generation.generate`` (both levels and decoding); and a small map
-   pair sampled to the end by both samplers.
+   conditioned on the top codes), fast (cached) versus naive sampling of the full map for a batch of 16 maps, with
+   ``torch.equal`` of their codes on every position naive sampled (naive is EXTRAPOLATED from a few positions when a
+   full run would be too long, and says so); decoding; the time to sample 16 slices with
+   ``bundle.stage2_prior.generation.generate`` (both levels and decoding); and a small map pair sampled to the end
+   by both samplers.
 6. **Inference**: ms per slice for reconstruction with the inference network and inferer of
    ``configs/inference.json`` (batch 1 and 16) and for encoding to codes (``index_quantize``, both levels, eval
    mode); the same in bf16 + channels-last, with the share of codes it changes.
@@ -176,9 +176,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     peak = 8192 if device.type == "cuda" else 2048
     if not args.quick:
         cases = tuple(_PHANTOM_DEFAULTS[k] for k in ("train_cases", "val_cases", "test_cases"))
-        return Plan(cases, 4, args.epochs or 2, 3, 2, 6, 30.0, 2, 3, 3, 2, peak)
+        return Plan(cases, 4, args.epochs or 2, 4, 2, 6, 30.0, 2, 3, 3, 2, peak)
     cases = (1, 1, 1) if args.tiny else (3, 1, 1)
-    return Plan(cases, 3, args.epochs or 1, 2, 1, 3, 5.0, 1, 1, 1, 1, peak // 2)
+    return Plan(cases, 3, args.epochs or 1, 3, 1, 3, 5.0, 1, 1, 1, 1, peak // 2)
 
 
 def log(message: str) -> None:
@@ -864,16 +864,13 @@ class StageClock:
         from ignite.engine import Events
 
         self.stamps: dict[str, list[float]] = defaultdict(list)
-        for engine, events in (
-            (trainer, ("EPOCH_STARTED", "ITERATION_COMPLETED", "EPOCH_COMPLETED", "COMPLETED")),
-            (evaluator, ("STARTED", "COMPLETED")),
-        ):
-            prefix = "train" if engine is trainer else "validate"
-            for event in events:
-                key = f"{prefix}_{event.lower()}"
-                engine.add_event_handler(
-                    getattr(Events, event), lambda _, key=key: self.stamps[key].append(synchronized_clock())
-                )
+        for event in (Events.EPOCH_STARTED, Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED, Events.COMPLETED):
+            trainer.add_event_handler(event, self._stamp, f"train_{event.name.lower()}")
+        for event in (Events.STARTED, Events.COMPLETED):
+            evaluator.add_event_handler(event, self._stamp, f"validate_{event.name.lower()}")
+
+    def _stamp(self, engine, key: str) -> None:
+        self.stamps[key].append(synchronized_clock())
 
     def iteration_s(self) -> list[float]:
         """Seconds of every iteration of the first epoch (the first one is measured from the epoch start)."""

@@ -182,6 +182,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
 
 
 def log(message: str) -> None:
+    """Prints ``message`` to stderr with the seconds since the start."""
     print(f"[{time.perf_counter() - T0:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
@@ -208,6 +209,7 @@ def per_call_s(fn: Callable[[], object], number: int) -> float:
 
 
 def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values."""
     return statistics.median(values) if values else float("nan")
 
 
@@ -317,6 +319,7 @@ def prior_step(net, opt, batch: dict[str, torch.Tensor], amp: bool) -> torch.Ten
 
 
 def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn``, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -416,6 +419,7 @@ class Lockstep:
 def step_stats(
     values: list[float], items_per_step: int, flops_per_step: float | None = None, peak_gflops: float | None = None
 ) -> dict:
+    """Median, best and mean step seconds of ``values``, items/s, and achieved GFLOP/s and share of the peak."""
     step = median(values)
     out = {
         "step_s": step,
@@ -433,6 +437,7 @@ def step_stats(
 
 # ---------------------------------------------------------------------------------------------------- main -----
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``None`` reads ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer iterations and images, same sizes")
     parser.add_argument("--tiny", action="store_true", help="the unit tests' tiny networks and batches of 4")
@@ -455,6 +460,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Runs the benchmark (or, with ``--omp_probe_child``, one OpenMP probe) and prints and writes the results.
+
+    Args:
+        argv: command-line arguments; ``None`` reads ``sys.argv``.
+    """
     args = parse_args(argv)
     os.chdir(ROOT)  # the configs import `bundle` from the working directory
     if args.threads > 0:
@@ -806,6 +816,7 @@ def compile_effect(lockstep: Lockstep, eager: str, compiled: str, batch: int, fi
 
 # ---------------------------------------------------------------------------------- 10: training time/epoch ---
 def batches_per_epoch(images: int, batch_size: int, drop_last: bool) -> int:
+    """Batches a ``DataLoader`` gives for ``images`` items."""
     return images // batch_size if drop_last else math.ceil(images / batch_size)
 
 
@@ -878,6 +889,7 @@ class StageClock:
         return [b - a for a, b in zip(ticks[:-1], ticks[1:])]
 
     def validation_s(self) -> float:
+        """Seconds of the first validation run."""
         return self.stamps["validate_completed"][0] - self.stamps["validate_started"][0]
 
     def epoch_end_s(self) -> float:

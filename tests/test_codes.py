@@ -9,7 +9,7 @@ import torch
 from two_level_stand_in import TinyTwoLevelVQVAE
 
 from bundle.engine.weights import load_weights
-from bundle.stage1_vqvae.vqvae import VQVAE
+from monai.networks.nets import VQVAE
 from bundle.stage2_prior.codes import CodeDataset, encode_dataset
 
 

@@ -25,7 +25,7 @@ from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 
 WORLD_SIZE = 2
 
-# Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in train.json).
+# Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in the training configs).
 RANK0_ONLY = {
     "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler", "ignite.handlers.ProgressBar",
     "bundle.engine.checkpoint.EngineCheckpointSaver", "bundle.engine.checkpoint.AtomicCheckpointSaver", "bundle.stage2_prior.sample_grid.SampleGridWriter",
@@ -72,10 +72,10 @@ class RankProbe:
 
     def _iteration_completed(self, engine):
         batch = engine.state.batch
-        key = "codes" if "codes" in batch else "image"
+        key = "bottom" if "bottom" in batch else "image"
         self.record["items"] += len(batch[key])
-        if key == "codes":
-            self.record["codes"].append(batch["codes"].to(torch.int16).cpu())
+        if key == "bottom":
+            self.record["codes"].append(torch.cat([batch["top"].flatten(1), batch["bottom"].flatten(1)], 1).to(torch.int16).cpu())
 
     def _completed(self, engine):
         self.path.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
     for stage in ("train", "validate", "prior_train", "prior_validate"):
         sampler = parser[f"{stage}::sampler"]
         assert sampler["_target_"] == "DistributedSampler" and sampler["even_divisible"] is True
-        assert parser[f"{stage}::dataloader::sampler"] == f"@{stage}::sampler".replace("::", "#")
+        assert parser[f"{stage}::dataloader::sampler"] == f"@{stage}::sampler"
         assert parser[f"{stage}::dataloader::shuffle"] is False
     # savers and loaders see the raw networks' state dicts: ignite unwraps DDP, and frozen_vqvae loads network_def
     assert "@network_def" in parser["frozen_vqvae"]
@@ -133,10 +133,12 @@ def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
 def test_overlay_only_adds_what_changes_across_processes() -> None:
     """The overlay holds the process group, the device, DDP wrapping and samplers, and no copy of other IDs."""
     overlay = ConfigParser.load_config_file(str(ROOT / "configs" / "multi_gpu_train.json"))
-    allowed = {"device", "dist_backend", "ddp_device_ids", "network", "prior_network", "initialize", "training", "finalize"}
+    allowed = {"+imports", "device", "dist_backend", "ddp_device_ids", "network", "prior_network", "initialize", "training",
+               "finalize"}
     extra = {key for key in overlay if key not in allowed and not key.endswith("sampler")}
     assert not extra, f"the multi-GPU overlay copies IDs it does not change: {sorted(extra)}"
     assert overlay["initialize"][0].startswith("$torch.distributed.is_initialized() or")
+    assert "$idist.sync()" in overlay["initialize"], "ignite must pick up the process group before rank-0-only queries"
     assert overlay["finalize"][-1] == "$torch.distributed.destroy_process_group()"
     assert overlay["training"] == ["$@train#trainer.run()", "$torch.distributed.barrier()", "$@prior_train#trainer.run()"]
 
@@ -190,8 +192,10 @@ def test_ranks_train_on_disjoint_shards(ddp_run: dict) -> None:
         assert records[0]["sampler"][0] != records[0]["sampler"][1], "set_epoch reshuffles each epoch"
         # drop_last with batch 4: each rank runs 9 // 4 = 2 iterations an epoch (a single process runs 18 // 4 = 4)
         assert all(r["epoch_length"] == [2, 2] and r["items"] == 2 * 2 * 4 for r in records)
-    # The prior's batches are not augmented: each rank trained on exactly the code maps of its own shard, in order.
-    cache = torch.load(ddp_run["tmp"] / "outputs" / "codes" / "train.pt", weights_only=True)["codes"]
+    # The prior's batches are not augmented: each rank trained on exactly the code maps (top and bottom) of its own
+    # shard, in order.
+    encoded = torch.load(ddp_run["tmp"] / "outputs" / "codes" / "train.pt", weights_only=True)
+    cache = torch.cat([encoded["top"].flatten(1), encoded["bottom"].flatten(1)], 1)
     trained = []
     for state, record in zip(_states(ddp_run, "prior"), _records(ddp_run, "prior")):
         used = [i for epoch in record["sampler"] for i in epoch[:8]]  # drop_last: 2 batches of 4 an epoch
@@ -227,11 +231,11 @@ def test_one_set_of_outputs_written_by_rank_0(ddp_run: dict) -> None:
 @pytest.mark.slow
 def test_codebook_and_weights_identical_on_every_rank(ddp_run: dict) -> None:
     log = ddp_run["log"]
-    assert log.count("Codebook initialised by k-means") == WORLD_SIZE
-    restarted = [int(v) for v in re.findall(r"codebook_restarted=(\d+)", log)]
+    assert log.count("codebook initialised by k-means") == 2 * WORLD_SIZE  # top and bottom, on each rank
+    restarted = [int(v) for v in re.findall(r"codebook_(?:top|bottom)_restarted=(\d+)", log)]
     assert restarted and max(restarted) > 0, "no dead-code restart happened: the broadcast after it is untested"
     digests = [r["codebook"] for r in _records(ddp_run, "vqvae")]
-    assert len(digests[0]) == 4 and digests[0] == digests[1], "ranks quantised with different codebooks"
+    assert len(digests[0]) == 2 * 4 and digests[0] == digests[1], "ranks quantised with different codebooks"
     assert len(set(digests[0])) > 1, "the codebook never moved"
     final = torch.load(ddp_run["tmp"] / "models" / "model_final.pt", weights_only=True)
     for stage in ("vqvae", "prior"):
@@ -240,6 +244,6 @@ def test_codebook_and_weights_identical_on_every_rank(ddp_run: dict) -> None:
         for key in rank0:
             assert torch.equal(rank0[key], rank1[key]), f"{stage}: {key} differs between ranks"
     rank0 = _states(ddp_run, "vqvae")[0]["state"]
-    for key in ("quantizer.quantizer.embedding.weight", "quantizer.quantizer.ema_cluster_size",
-                "quantizer.quantizer.ema_w"):
+    for key in [f"{level}_quantizer.{name}" for level in ("top", "bottom") for name in
+                ("embedding.weight", "ema_cluster_size", "ema_w")]:
         assert torch.equal(rank0[key], final[key]), key

@@ -47,10 +47,10 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
-def _monai_bundle(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _monai_bundle(*args: str, timeout: int = 300, cwd=ROOT) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "monai.bundle", *map(str, args)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -165,26 +165,32 @@ def test_verify_net_in_out() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny VQ-VAE and prior weights, saved like training saves them (plain state dicts)."""
-    from bundle.stage1_vqvae.codebook import find_quantizer, init_codebook
+    """Tiny VQ-VAE-2 and prior weights, saved like training saves them (plain state dicts)."""
+    from bundle.stage1_vqvae.codebook import find_quantizers, init_codebook
 
     tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     parser = _tiny_parser()
     vqvae = parser.get_parsed_content("network_def", lazy=False)
     with torch.no_grad():  # codes from data, as CodebookMonitor does, so the decoder sees many different codes
-        init_codebook(find_quantizer(vqvae), vqvae.encode(torch.rand(4, 1, 256, 128)), torch.Generator().manual_seed(0))
+        images, generator = torch.rand(4, 1, 256, 128), torch.Generator().manual_seed(0)
+        top_encodings, bottom_features = vqvae.encode(images)
+        init_codebook(find_quantizers(vqvae)["top"], top_encodings, generator)
+        top_quantized = vqvae.quantize_top(top_encodings)[0]
+        bottom_encodings = vqvae.bottom_projection(torch.cat([bottom_features, vqvae.top_decoder(top_quantized)], 1))
+        init_codebook(find_quantizers(vqvae)["bottom"], bottom_encodings, generator)
     prior = parser.get_parsed_content("prior_def", lazy=False)
     torch.save(vqvae.state_dict(), tmp / "model.pt")
     torch.save(prior.state_dict(), tmp / "prior.pt")
     return {"tmp": tmp, "vqvae": vqvae.eval(), "prior": prior.eval()}
 
 
-def _export(tiny_weights: dict, net_id: str, name: str, ckpt: str, input_shape: str, *overrides: str) -> torch.jit.ScriptModule:
+def _export(tiny_weights: dict, net_id: str, name: str, ckpt: str, *args: str) -> torch.jit.ScriptModule:
+    """``ckpt_export`` as the Model Zoo runs it, from another working directory; scripted unless ``args`` trace."""
     tmp = tiny_weights["tmp"]
-    _monai_bundle("ckpt_export", net_id, "--filepath", tmp / name, "--ckpt_file", tmp / ckpt,
-                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-                  "--use_trace", "True", "--input_shape", input_shape, *TINY_NETWORK, *TINY_PRIOR, *overrides)
+    _monai_bundle("ckpt_export", net_id, "--filepath", tmp / name, "--ckpt_file", tmp / ckpt, "--bundle_root", ROOT,
+                  "--meta_file", ROOT / "configs/metadata.json", "--config_file", ROOT / "configs/inference.json",
+                  *TINY_NETWORK, *TINY_PRIOR, *args, cwd=tmp)
     extra = {"metadata.json": "", "inference.json": ""}
     module = torch.jit.load(str(tmp / name), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == _metadata()["version"]
@@ -196,72 +202,81 @@ def _report(name: str, difference: float) -> None:
     print(f"\nTorchScript {name}: max |TorchScript - eager| = {difference:.3g}")
 
 
-def test_ckpt_export_reconstruction_network(tiny_weights: dict) -> None:
-    module = _export(tiny_weights, "network_def", "model.ts", "model.pt", "[1, 1, 256, 128]")
+def test_ckpt_export_scripts_the_reconstruction_network(tiny_weights: dict) -> None:
+    """The zoo scripts ``network_def`` (no ``--use_trace``): the VQ-VAE-2 must script, and match eager."""
+    module = _export(tiny_weights, "network_def", "model.ts", "model.pt")
+    assert "if " in module.code, "traced, not scripted: the exported forward has no control flow"
     images = torch.rand(3, 1, 256, 128)
     with torch.no_grad():
         eager = tiny_weights["vqvae"](images)
-        before = module.state_dict()["quantizer.quantizer.embedding.weight"].clone()
+        before = module.state_dict()["bottom_quantizer.embedding.weight"].clone()
         exported = module(images)
         assert torch.equal(module(images), exported), "the exported network is not deterministic"
     assert exported.shape == (3, 1, 256, 128) and exported.dtype == torch.float32
-    assert torch.equal(module.state_dict()["quantizer.quantizer.embedding.weight"], before), "EMA update was traced"
+    assert torch.equal(module.state_dict()["bottom_quantizer.embedding.weight"], before), "eval mode updated the EMA"
     difference = (exported - eager).abs().max().item()
-    _report("reconstruction (network_def)", difference)
+    _report("reconstruction (network_def, scripted)", difference)
     assert difference <= TOLERANCE
 
 
 def test_ckpt_export_decoder_for_sampling(tiny_weights: dict) -> None:
-    module = _export(tiny_weights, "network_def", "decoder.ts", "model.pt", "[1, 64, 32]",
-                     "--network_def#_target_", "bundle.stage1_vqvae.export.VQVAEDecoder")
-    assert not any(k.startswith("encoder.") for k in module.state_dict()), "the decoder export carries the encoder"
-    codes = torch.randint(0, 64, (3, 64, 32), generator=torch.Generator().manual_seed(1))
+    module = _export(tiny_weights, "network_def", "decoder.ts", "model.pt",
+                     "--network_def#_target_", "bundle.stage1_vqvae.export.VQVAE2Decoder")
+    encoding = ("bottom_encoder.", "top_encoder.", "top_decoder.", "bottom_projection.")
+    assert not any(k.startswith(encoding) for k in module.state_dict()), "the decoder export carries the encoder"
+    generator = torch.Generator().manual_seed(1)
+    top, bottom = torch.randint(0, 64, (3, 32, 16), generator=generator), torch.randint(0, 64, (3, 64, 32), generator=generator)
     vqvae = tiny_weights["vqvae"]
     with torch.no_grad():
-        eager = vqvae.decode_samples(codes)
-        exported = module(codes)
-        assert vqvae.quantizer.embed(codes).flatten(2).std(-1).mean() > 0, "codes decode to distinct embeddings"
+        eager = vqvae.decode_samples(top, bottom)
+        exported = module(top, bottom)
+        other = module(top, torch.roll(bottom, 1, dims=1))
     assert exported.shape == (3, 1, 256, 128)
+    assert not torch.equal(exported, other), "the bottom codes do not reach the output"
     difference = (exported - eager).abs().max().item()
-    _report("decoder (VQVAEDecoder, int64 codes [B, 64, 32])", difference)
+    _report("decoder (VQVAE2Decoder, int64 codes [B, 32, 16] and [B, 64, 32])", difference)
     assert difference <= TOLERANCE
 
 
-def test_ckpt_export_prior(tiny_weights: dict) -> None:
-    module = _export(tiny_weights, "prior_def", "prior.ts", "prior.pt", "[1, 64, 32]",
-                     "--prior_def#_target_", "bundle.stage2_prior.export.GatedPixelCNNLogits")
-    codes = torch.randint(0, 64, (3, 64, 32), generator=torch.Generator().manual_seed(2))
+def test_ckpt_export_top_prior(tiny_weights: dict) -> None:
+    module = _export(tiny_weights, "prior_def", "prior_top.ts", "prior.pt", "--use_trace", "True",
+                     "--input_shape", "[1, 32, 16]", "--prior_def#_target_", "bundle.stage2_prior.export.TopPriorLogits")
+    codes = torch.randint(0, 64, (3, 32, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        eager = tiny_weights["prior"](codes)
+        eager = tiny_weights["prior"].top(codes)
         exported = module(codes)
-    assert exported.shape == (3, 64, 64, 32)
+    assert exported.shape == (3, 64, 32, 16)
     difference = (exported - eager).abs().max().item()
-    _report("prior logits (GatedPixelCNNLogits)", difference)
+    _report("top prior logits (TopPriorLogits, traced)", difference)
     assert difference <= TOLERANCE
 
 
-def test_conditioned_prior_traces_with_labels() -> None:
-    """ckpt_export traces with a single input; a class-conditioned prior needs (codes, labels): trace it directly."""
-    from bundle.stage2_prior.export import GatedPixelCNNLogits
+def test_bottom_prior_traces_with_the_top_codes(tiny_weights: dict) -> None:
+    """ckpt_export traces with a single input; the bottom prior needs (bottom, top): trace it directly."""
+    from bundle.stage2_prior.export import BottomPriorLogits
 
-    torch.manual_seed(0)
-    prior = GatedPixelCNNLogits(num_embeddings=64, channels=16, num_layers=3, num_classes=4, head_channels=32).eval()
-    codes = torch.randint(0, 64, (2, 64, 32))
-    labels = torch.tensor([0, 3])
+    prior = tiny_weights["prior"]
+    parser = _tiny_parser()
+    parser["prior_def::_target_"] = "bundle.stage2_prior.export.BottomPriorLogits"
+    module = parser.get_parsed_content("prior_def", lazy=False).eval()
+    assert isinstance(module, BottomPriorLogits)
+    module.load_state_dict(prior.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    top, bottom = torch.randint(0, 64, (2, 32, 16), generator=generator), torch.randint(0, 64, (2, 64, 32), generator=generator)
     with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):  # the range checks are baked out of the graph
-        traced = torch.jit.trace(prior, (codes, labels))
+        traced = torch.jit.trace(module, (bottom, top))
     with torch.no_grad():
-        other = torch.tensor([2, 1])
-        assert (traced(codes, other) - prior(codes, other)).abs().max().item() <= TOLERANCE
-        assert not torch.allclose(traced(codes, other), traced(codes, labels)), "labels are ignored by the trace"
+        other_top = torch.roll(top, 1, dims=1)
+        assert (traced(bottom, other_top) - prior.bottom(bottom, None, other_top)).abs().max().item() <= TOLERANCE
+        assert not torch.allclose(traced(bottom, other_top), traced(bottom, top)), "the top codes are ignored"
 
 
 def test_exported_decoder_does_not_load_mismatched_weights(tiny_weights: dict) -> None:
-    from bundle.stage1_vqvae.export import VQVAEDecoder
+    from bundle.stage1_vqvae.export import VQVAE2Decoder
 
     parser = _tiny_parser("--num_embeddings", "32")
-    parser["network_def::_target_"] = "bundle.stage1_vqvae.export.VQVAEDecoder"
+    parser["network_def::_target_"] = "bundle.stage1_vqvae.export.VQVAE2Decoder"
     decoder = parser.get_parsed_content("network_def", lazy=False)
-    assert isinstance(decoder, VQVAEDecoder)
+    assert isinstance(decoder, VQVAE2Decoder)
     with pytest.raises(RuntimeError, match="size mismatch"):
         decoder.load_state_dict(torch.load(tiny_weights["tmp"] / "model.pt", weights_only=True), strict=True)

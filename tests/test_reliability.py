@@ -35,7 +35,7 @@ def run_failing(run_id: str, config: str, *args) -> str:
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        run(run_id=run_id, config_file=config, **overrides)
+        run(run_id=run_id, config_file=config.split(","), **overrides)
     except BaseException as error:  # noqa: BLE001 - the point is to see what reaches the user
         return "".join(traceback.format_exception(error))
     finally:
@@ -95,7 +95,7 @@ def test_weights_from_another_configuration_are_refused(tmp_path: Path, phantom_
     other = [a if a != "64" else "32" for a in map(str, TINY_NETWORK)]  # another codebook size
     log = run_failing("evaluating", "configs/inference.json,configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out,
                       "--ckpt_dir", out / "models", *other)
-    assert "size mismatch for quantizer.quantizer.embedding.weight" in log
+    assert "size mismatch for top_quantizer.embedding.weight" in log
     # Resuming training with another width is refused too, never a silent partial load.
     wider = [a if a != "[16, 32]" else "[16, 48]" for a in map(str, TINY_NETWORK)]
     log = run_failing("training", "configs/inference.json,configs/train_vqvae.json", "--dataset_dir", phantom_dir, "--output_dir", out,
@@ -144,7 +144,7 @@ def test_same_seed_same_weights_and_run_record(tmp_path: Path, phantom_dir: Path
     record = json.loads((tmp_path / "a" / "checkpoints" / "run_config.json").read_text())
     versions = json.loads((tmp_path / "a" / "checkpoints" / "versions.json").read_text())
     assert record["config"]["max_epochs"] == 1 and record["config"]["channels"] == [16, 32]
-    assert record["config"]["network_def"]["_target_"] == "bundle.stage1_vqvae.vqvae.VQVAE"  # macros expanded
+    assert record["config"]["network_def"]["_target_"] == "bundle.stage1_vqvae.vqvae2.VQVAE2"  # macros expanded
     assert versions["torch"] == torch.__version__ and versions["monai"]
 
 

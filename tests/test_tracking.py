@@ -22,6 +22,6 @@ def test_mlflow_tracking_records_losses_metrics_and_codebook(tmp_path: Path, pha
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) >= 1 and all(run.info.status == "FINISHED" for run in runs)
     metrics = set().union(*(run.data.metrics for run in runs))
-    assert {"train_loss", "val_ssim", "val_psnr", "codebook_usage", "codebook_perplexity"} <= metrics
+    assert {"train_loss", "val_ssim", "val_psnr", "codebook_top_usage", "codebook_bottom_perplexity"} <= metrics
     history = client.get_metric_history(runs[0].info.run_id, "val_ssim") or client.get_metric_history(runs[-1].info.run_id, "val_ssim")
     assert [m.step for m in history] == [1, 2] and all(-1.0 <= m.value <= 1.0 for m in history)

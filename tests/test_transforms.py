@@ -92,7 +92,7 @@ def test_bad_channel_count_is_refused() -> None:
 
 def _train_dataset(phantom_dir: Path, tmp_path: Path, **overrides):
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.read_config([str(ROOT / "configs" / name) for name in ("inference.json", "train_vqvae.json")])
     parser.update({"bundle_root": str(ROOT), "dataset_dir": str(phantom_dir), "output_dir": str(tmp_path), **overrides})
     return parser.get_parsed_content("train::dataset")
 

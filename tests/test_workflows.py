@@ -43,8 +43,8 @@ def test_training_writes_weights_checkpoints_and_logs(trained: dict) -> None:
     assert re.search(r"Epoch\[2\] Metrics -- .*val_ssim", log)
     ssim = [float(v) for v in re.findall(r"Metrics -- .*val_ssim: (-?[0-9.]+)", log)]
     assert len(ssim) == 2 and all(-1.0 <= v <= 1.0 for v in ssim)
-    usage = [float(v) for v in re.findall(r"codebook_usage=([0-9.]+)", log)]
-    assert len(usage) == 2 and all(0.0 < v <= 1.0 for v in usage)
+    usage = [float(v) for v in re.findall(r"codebook_(?:top|bottom)_usage=([0-9.]+)", log)]
+    assert len(usage) == 2 * 2 and all(0.0 < v <= 1.0 for v in usage)  # two epochs, two codebooks
 
 
 def test_rerun_resumes_from_the_last_checkpoint(trained: dict) -> None:
@@ -64,7 +64,7 @@ def test_tensorboard_has_losses_metrics_codebook_and_images(trained: dict) -> No
         accumulator.Reload()
         scalars |= set(accumulator.Tags()["scalars"])
         images |= set(accumulator.Tags()["images"])
-    assert {"train_loss", "val_ssim", "val_psnr", "val_mse", "codebook_usage", "codebook_perplexity"} <= scalars
+    assert {"train_loss", "val_ssim", "val_psnr", "val_mse", "codebook_top_usage", "codebook_bottom_perplexity"} <= scalars
     assert any(tag.startswith("input_0") for tag in images) and any(tag.startswith("output") for tag in images)
 
 

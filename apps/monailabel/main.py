@@ -71,12 +71,12 @@ class PelvicMRIApp(MONAILabelApp):
             else:
                 logger.warning(
                     f"Model '{name}' is not available: weights missing under {self.bundle_dir}/models "
-                    "(train first: python -m monai.bundle run training --config_file configs/train.json)"
+                    "(train first with the README's training command, or copy trained weights there)"
                 )
         return infers
 
     def init_trainers(self):
-        return {}  # training runs through the bundle's own workflows (configs/train.json)
+        return {}  # training runs through the bundle's own workflows (configs/train_vqvae.json, configs/train_prior.json)
 
     def init_datastore(self) -> Datastore:
         """A local studies folder is a :class:`GuardedLocalDatastore`; remote datastores are MONAI Label's."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
 from monai.inferers import Inferer
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from bundle.engine.amp import resolve_amp_dtype
 
 
 class AutocastInferer(Inferer):
@@ -18,27 +19,44 @@ class AutocastInferer(Inferer):
 
     Args:
         amp: whether to autocast.
-        dtype: ``"bfloat16"`` or ``"float16"`` (fp16 training wants a GradScaler: use the engine's ``amp`` then).
+        dtype: ``"auto"`` (bf16 where the input's device supports it, else fp16: see
+            :func:`bundle.engine.amp.resolve_amp_dtype`), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. fp16
+            training on CUDA wants a GradScaler: use the engine's ``amp`` then (:func:`bundle.engine.amp.needs_grad_scaler`).
         channels_last: convert 4D inputs to ``torch.channels_last`` (the network should be converted too).
         output_index: when the network returns a tuple, return only this element (e.g. 0, the reconstruction,
             for metrics); None returns the output as is.
     """
 
     def __init__(
-        self, amp: bool = False, dtype: str = "bfloat16", channels_last: bool = False, output_index: int | None = None
+        self,
+        amp: bool = False,
+        dtype: str | torch.dtype = "bfloat16",
+        channels_last: bool = False,
+        output_index: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("amp", amp), ("channels_last", channels_last)):
             if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}: on the command line write --{name} True or False.")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got '{dtype}'.")
-        self.amp, self.dtype, self.channels_last, self.output_index = amp, DTYPES[dtype], channels_last, output_index
+                raise TypeError(
+                    f"{name} must be a bool, got {value!r}: on the command line write --{name} True or False."
+                )
+        if dtype != "auto":
+            dtype = resolve_amp_dtype(dtype, "cpu")  # validates the name; device checks happen at the first call
+        self.amp, self.dtype, self.channels_last, self.output_index = amp, dtype, channels_last, output_index
+        self.device_dtypes: dict[torch.device, torch.dtype] = {}
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype:
+        """The autocast dtype on ``device`` (resolved once per device)."""
+        if device not in self.device_dtypes:
+            self.device_dtypes[device] = resolve_amp_dtype(self.dtype, device)
+        return self.device_dtypes[device]
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(inputs.device.type, dtype=self.dtype, enabled=self.amp):
+        # With amp off, enter no autocast at all: an ``enabled=False`` region would switch off the engine's own amp.
+        autocast = torch.autocast(inputs.device.type, self.autocast_dtype(inputs.device)) if self.amp else nullcontext()
+        with autocast:
             outputs = network(inputs, *args, **kwargs)
         if isinstance(outputs, (tuple, list)):
             if self.output_index is not None:

@@ -1,16 +1,15 @@
-"""Decoder-only forms of the VQ-VAEs for TorchScript export with ``python -m monai.bundle ckpt_export``.
+"""The decoder-only form of the VQ-VAE-2 for TorchScript export with ``python -m monai.bundle ckpt_export``.
 
 ``ckpt_export`` builds a network from a config ID, loads ``models/*.pt`` into it strictly, and scripts it (or, with
 ``--use_trace``, traces it with one random float input of ``--input_shape``). Sampling needs the decoder half, which
 is not a plain ``forward(image)``:
 
-* :class:`VQVAEDecoder`: code maps ``[B, h, w]`` to images (``VQVAE.decode_samples``). Traceable with one input.
 * :class:`VQVAE2Decoder`: top and bottom code maps to images (``VQVAE2.decode_samples``). Two inputs, so export it
   by scripting (``ckpt_export`` without ``--use_trace`` and ``--input_shape``) or trace it yourself with a pair.
 
-Both load the full ``models/model.pt`` and skip the encoder's weights, and cast their integer inputs with
-``.long()``, so a trace with float inputs in [0, 1) (code 0) is valid; the exported modules take int64 code maps.
-Neither changes the weights' names, so use them by swapping the ``_target_`` of ``network_def`` on the command line
+It loads the full ``models/model.pt``, skips the encoding weights, and casts its integer inputs with
+``.long()``, so a trace with float inputs in [0, 1) (code 0) is valid; the exported module takes int64 code maps.
+It keeps the weights' names, so use it by swapping the ``_target_`` of ``network_def`` on the command line
 (see ``docs/distributed_and_export.md``). The prior's export form is in ``bundle.stage2_prior.export``."""
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Any
 
 import torch
 
-from bundle.stage1_vqvae.vqvae import VQVAE
 from bundle.stage1_vqvae.vqvae2 import VQVAE2
 
 # The modules of VQVAE2 that only encoding needs: images -> codes.
@@ -36,23 +34,6 @@ class _DropWeights:
         prefixes = tuple(f"{prefix}{name}." for name in self.module_names)
         for key in [k for k in state_dict if k.startswith(prefixes)]:
             del state_dict[key]
-
-
-class VQVAEDecoder(VQVAE):
-    """The VQ-VAE's decoder half: ``forward(codes [B, h, w]) -> images [B, out_channels, H, W]``.
-
-    Same arguments as :class:`bundle.stage1_vqvae.vqvae.VQVAE` (``return_loss`` is ignored). The output is what
-    ``decode_samples`` gives, unclamped (``bundle.stage2_prior.generation.generate`` clamps it to [0, 1]).
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.pop("return_loss", None)
-        super().__init__(return_loss=False, **kwargs)
-        del self.encoder
-        self.register_load_state_dict_pre_hook(_DropWeights("encoder"))
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.decode_samples(codes.long())
 
 
 class VQVAE2Decoder(VQVAE2):

@@ -85,6 +85,7 @@ import functools  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pydoc  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -279,6 +280,22 @@ def training_overrides(args: argparse.Namespace, data_dir: str, work: str, plan:
 def prior_overrides(plan: Plan) -> dict:
     """On top of :func:`training_overrides` for stage 2: one short epoch, validated."""
     return {"prior_max_epochs": 1, "prior_val_interval": 1, "prior_train::trainer::epoch_length": plan.prior_iterations}
+
+
+def config_optimizer(config, id_: str) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
+    """The optimizer the config defines at ``id_`` (its class and arguments), for other parameters.
+
+    Args:
+        config: the parser.
+        id_: e.g. ``"optimizer"`` or ``"prior_train::optimizer"``.
+
+    Returns:
+        A function of the parameters that builds the optimizer.
+    """
+    optimizer_class = pydoc.locate(config[f"{id_}::_target_"])
+    names = [k for k in config[id_] if not k.startswith("_") and k != "params"]
+    kwargs = {name: config.get_parsed_content(f"{id_}::{name}") for name in names}
+    return lambda params: optimizer_class(params, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ primitives ---
@@ -573,10 +590,10 @@ def interleaved_training(args: argparse.Namespace, plan: Plan, config, work: str
     loader = config.get_parsed_content("train::dataloader")  # the trainer's own loader
     image_key = config.get_parsed_content("image")
     batch_size = config.get_parsed_content("batch_size")
-    amp, amp_dtype = config.get_parsed_content("amp"), config.get_parsed_content("amp_dtype")
+    amp, dtype = config.get_parsed_content("amp"), config.get_parsed_content("amp_torch_dtype")
+    amp_dtype = str(dtype).removeprefix("torch.")
     channels_last = config.get_parsed_content("channels_last")
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[amp_dtype]
-    lr = config.get_parsed_content("learning_rate")
+    vqvae_optimizer = config_optimizer(config, "optimizer")
     log(
         f"stage-1 trainer built ({len(train_dataset)} cached training images in {cache_s:.1f} s); device {device}, "
         f"batch {batch_size}, amp {amp} ({amp_dtype}), channels_last {channels_last}"
@@ -594,25 +611,23 @@ def interleaved_training(args: argparse.Namespace, plan: Plan, config, work: str
 
     def new_vqvae(cl: bool):
         net = copy.deepcopy(base).to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-        return net, torch.optim.Adam(net.parameters(), lr)
+        return net, vqvae_optimizer(net.parameters())
 
     flops = {
-        name: count_flops(
-            lambda name=name: vqvae_step(*new_vqvae(VARIANTS[name][1]), batches[0], *VARIANTS[name], dtype)
-        )
+        name: count_flops(lambda name=name: vqvae_step(*new_vqvae(VARIANTS[name][1]), batches[0], *VARIANTS[name]))
         for name in ("fp32", "bf16_channels_last")
     }
     log(f"VQ-VAE-2 training step: {flops['fp32'] / 1e9:.1f} GFLOP per batch of {batch_size} (FlopCounterMode)")
 
     prior_base = config.get_parsed_content("prior_def", lazy=False).to(device)
     prior_batch = config.get_parsed_content("prior_batch_size")
-    prior_lr = config.get_parsed_content("prior_learning_rate")
+    prior_optimizer = config_optimizer(config, "prior_train::optimizer")
     latent_shapes = config.get_parsed_content("latent_shapes")
     code_batch = random_code_batch(prior_batch, latent_shapes, prior_base.num_embeddings, device)
 
     def new_prior():
         net = copy.deepcopy(prior_base).train()
-        return net, torch.optim.Adam(net.parameters(), prior_lr)
+        return net, prior_optimizer(net.parameters())
 
     prior_flops = count_flops(lambda: prior_step(*new_prior(), code_batch, False))
 
@@ -627,7 +642,7 @@ def interleaved_training(args: argparse.Namespace, plan: Plan, config, work: str
     for name, (amp_v, cl_v) in VARIANTS.items():
         net, opt = new_vqvae(cl_v)
         companions[f"vqvae_{name}"] = lambda net=net, opt=opt, amp_v=amp_v, cl_v=cl_v: vqvae_step(
-            net, opt, next(variant_batches), amp_v, cl_v, dtype
+            net, opt, next(variant_batches), amp_v, cl_v
         )
     for name in ("fp32", "bf16"):
         net, opt = new_prior()
@@ -1009,10 +1024,11 @@ def omp_probe_child(batch_size: int, args: argparse.Namespace) -> dict:
     config = bundle_parser(STAGE1_CONFIGS, common_overrides(args))
     device = torch.device(config.get_parsed_content("device"))
     amp, cl = config.get_parsed_content("amp"), config.get_parsed_content("channels_last")
+    dtype = config.get_parsed_content("amp_torch_dtype")
     net = config.get_parsed_content("network")
-    opt = torch.optim.Adam(net.parameters(), config.get_parsed_content("learning_rate"))
+    opt = config.get_parsed_content("optimizer")
     x = torch.rand(batch_size, 1, *config.get_parsed_content("image_size"), device=device)
-    step_s = per_call_s(lambda: vqvae_step(net, opt, x, amp, cl), 2)
+    step_s = per_call_s(lambda: vqvae_step(net, opt, x, amp, cl, dtype), 2)
     inference = bundle_parser(("inference.json",), common_overrides(args))
     eval_net, inferer = inference.get_parsed_content("network").eval(), inference.get_parsed_content("inferer")
     x1 = torch.rand(1, 1, *inference.get_parsed_content("image_size"), device=device)

@@ -103,7 +103,7 @@ def test_data_pipeline_keeps_up_with_the_trainer(report: dict) -> None:
 def test_prior_training_step(report: dict) -> None:
     prior = report["prior_train_step"]
     assert _finite_positive(prior["flops_per_step"])
-    assert prior["latent_shapes"] == report["settings"]["latent_shapes"] == [[32, 16], [64, 32]]
+    assert prior["latent_shapes"] == report["settings"]["latent_shapes"] == [[16, 8], [64, 32]]
     for name in ("fp32", "bf16"):
         assert _finite_positive(prior[name]["maps_per_s"]) and 0.0 < prior[name]["fraction_of_peak"] <= 1.2
     assert 0.2 <= prior["bf16_speedup"] <= 5.0

@@ -36,7 +36,7 @@ TINY = {
     "num_embeddings": 64,
     "embedding_dim": 16,
     "prior_channels": 16,
-    "prior_layers": [15, 3],
+    "prior_layers": [7, 3],
     "prior_cond_channels": 8,
     "prior_cond_blocks": 1,
     "prior_head_channels": 32,

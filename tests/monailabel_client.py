@@ -45,6 +45,7 @@ JSON_REQUESTS = (
     ("anomaly_json", "anomaly", {"result": "mask", "mask_threshold": 0.05}),
 )
 
+
 def direct_bundle_infer_task(
     app_dir: str, default_bundle: str, tiny_bundle: str, studies: list[Path], out: Path
 ) -> dict:

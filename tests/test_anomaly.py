@@ -12,18 +12,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
 from monai.metrics import compute_average_precision
 from PIL import Image
 from two_level_stand_in import TinyTwoLevelVQVAE
 
 from bundle.anomaly.detection import AnomalyDetector, image_score
 from bundle.anomaly.healing import code_nll, heal_codes, heal_level, level_nll, uniforms
-from bundle.anomaly.lesions import insert_lesion, lesion_weight
+from bundle.anomaly.lesions import body_mask, insert_lesion, lesion_weight
 from bundle.anomaly.metrics import average_precision, best_dice, image_auroc
 from bundle.anomaly.threshold import calibrate, parse_threshold, resolve_thresholds, save_calibration
 from bundle.stage2_prior.sampling import _pick_codes, sample_fast
 from bundle.stage2_prior.two_level import TwoLevelPrior
-from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
 
 SHAPES = ((4, 2), (8, 4))  # the stand-in VQ-VAE's code maps of 32 x 16 images
 
@@ -31,8 +31,15 @@ SHAPES = ((4, 2), (8, 4))  # the stand-in VQ-VAE's code maps of 32 x 16 images
 def make_prior(num_classes: int = 0) -> TwoLevelPrior:
     torch.manual_seed(0)
     prior = TwoLevelPrior(
-        (6, 10), channels=8, num_layers=(3, 2), kernel_size=3, head_channels=16, cond_channels=6, cond_blocks=1,
-        num_classes=num_classes, latent_shapes=SHAPES,
+        (6, 10),
+        channels=8,
+        num_layers=(3, 2),
+        kernel_size=3,
+        head_channels=16,
+        cond_channels=6,
+        cond_blocks=1,
+        num_classes=num_classes,
+        latent_shapes=SHAPES,
     )
     with torch.no_grad():  # peaked distributions, so that likelihoods differ from code to code
         for level in (prior.top, prior.bottom):
@@ -242,7 +249,10 @@ def test_lesions_are_deterministic_bright_or_dark_with_soft_edges() -> None:
     dark, dark_mask, dark_lesion = insert_lesion(image, seed=4, index=1)
     assert not dark_lesion.bright and dark[dark_mask].mean() < image[dark_mask].mean() - 0.2
     weight = torch.from_numpy(lesion_weight((96, 64), lesion))
-    assert torch.equal(mask[0], weight >= 0.5)
+    body = torch.from_numpy(body_mask(image[0].numpy()))
+    assert torch.equal(mask[0], (weight >= 0.5) & body)
+    for lesioned in (first, dark):  # never in the background
+        assert torch.equal(lesioned[0][~body], image[0][~body])
     edge = (weight > 0.05) & (weight < 0.95)
     assert edge.any(), "the edge is soft"
     far = weight < 1e-6
@@ -300,3 +310,210 @@ def test_thresholds_override_stored_and_stale(tmp_path: Path) -> None:
     for bad in ("[1, 2, 3]", "high", [1.0]):
         with pytest.raises(ValueError, match="threshold"):
             parse_threshold(bad)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a lesion raises the score: a prior fitted to the codes of clean slices
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def clean_slices(count: int, gen: torch.Generator) -> torch.Tensor:
+    """32 x 16 slices: an elliptic body of uniform tissue with a little noise, slightly moved from slice to slice."""
+    rows, columns = torch.meshgrid(torch.arange(32.0), torch.arange(16.0), indexing="ij")
+    slices = []
+    for _ in range(count):
+        dy, dx = torch.randn(2, generator=gen) * torch.tensor([1.0, 0.5])
+        body = ((rows - 16 - dy) / 13) ** 2 + ((columns - 8 - dx) / 6.5) ** 2 < 1
+        slices.append((body * (0.4 + 0.02 * torch.randn(32, 16, generator=gen)))[None])
+    return torch.stack(slices).clamp(0, 1)
+
+
+def test_a_slice_with_a_lesion_scores_higher_than_without() -> None:
+    from bundle.stage2_prior.two_level import TwoLevelCrossEntropy
+
+    gen = torch.Generator().manual_seed(0)
+    train, test = clean_slices(32, gen), clean_slices(6, gen)
+    torch.manual_seed(0)
+    vqvae = TinyTwoLevelVQVAE().eval()
+    with torch.no_grad():
+        top, bottom = vqvae.index_quantize(train)
+    prior = TwoLevelPrior(
+        (6, 10), channels=8, num_layers=(3, 2), kernel_size=3, head_channels=16, cond_channels=6, cond_blocks=1
+    )
+    optimizer = torch.optim.Adam(prior.parameters(), 1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # maps this small train fastest on one thread, above all on a busy machine
+    try:
+        for _ in range(150):
+            optimizer.zero_grad()
+            TwoLevelCrossEntropy()(prior(top, bottom), (top, bottom)).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    detector = AnomalyDetector(vqvae, prior.eval(), (1e9, 1e9), score_codes=4)
+    lesioned = torch.stack(
+        [insert_lesion(image, seed=0, index=i, min_radius=3, max_radius=4)[0] for i, image in enumerate(test)]
+    )  # bright for even indices, dark for odd ones
+    clean_scores, lesion_scores = detector(test).score, detector(lesioned).score
+    assert torch.all(lesion_scores > clean_scores), (lesion_scores, clean_scores)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the workflows end to end, on a tiny model trained for a few epochs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("anomaly")
+    run_bundle(
+        "training",
+        "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
+        "--dataset_dir",
+        phantom_dir,
+        "--output_dir",
+        out / "outputs",
+        "--ckpt_dir",
+        out / "models",
+        "--batch_size",
+        4,
+        "--max_epochs",
+        2,
+        "--prior_max_epochs",
+        2,
+        *TINY_NETWORK,
+        *TINY_PRIOR,
+    )
+    return out
+
+
+def write_hipmri_folder(root: Path) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+    """A HipMRI-layout data set (validation and test slices) with 256 x 128 and 256 x 144 slices, one stored with
+    a trailing axis, under different affines. Returns the test files' shapes and affines."""
+    from bundle.data.phantom import phantom_slice
+
+    rotation = 0.4
+    affines = [
+        np.diag([0.9, 1.1, 3.0, 1.0]),
+        np.array(
+            [
+                [0.8 * np.cos(rotation), -1.2 * np.sin(rotation), 0, 10],
+                [0.8 * np.sin(rotation), 1.2 * np.cos(rotation), 0, -20],
+                [0, 0, 2.5, 33],
+                [0, 0, 0, 1],
+            ]
+        ),
+    ]
+    plan = {
+        "validate": [(601, 3, 128, False), (601, 9, 144, False)],
+        "test": [(801, 4, 128, False), (801, 7, 144, False), (802, 10, 144, True)],
+    }
+    written = {}
+    for split, slices in plan.items():
+        (root / f"keras_slices_{split}").mkdir(parents=True)
+        for number, (case, index, width, trailing) in enumerate(slices):
+            image = phantom_slice(case, index, 16, width, 0)[0] * (1000.0 if number % 2 else 1.0)
+            image = image[..., None] if trailing else image
+            affine = affines[number % 2]
+            path = root / f"keras_slices_{split}" / f"case_{case:03d}_week_0_slice_{index}.nii.gz"
+            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
+            written[path.name] = (image.shape, affine)
+    return {name: geometry for name, geometry in written.items() if "case_8" in name}
+
+
+@pytest.mark.slow
+def test_anomaly_workflow_writes_maps_with_each_input_geometry(trained: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    inputs = write_hipmri_folder(data)
+    common = [
+        "--dataset_dir",
+        data,
+        "--input_dir",
+        data / "keras_slices_test",
+        "--ckpt_dir",
+        trained / "models",
+        "--codes_dir",
+        tmp_path / "codes",
+        *TINY_NETWORK,
+        *TINY_PRIOR,
+    ]
+    run_bundle("anomaly", "configs/inference.json,configs/anomaly.json", "--output_dir", tmp_path / "out", *common)
+    for name, (shape, affine) in inputs.items():
+        stem = name[: -len(".nii.gz")]
+        for suffix in ("anomaly", "healed", "nll"):
+            result = nib.load(tmp_path / "out" / f"{stem}_{suffix}.nii.gz")
+            assert result.shape == shape, (name, suffix)
+            np.testing.assert_allclose(result.affine, affine, atol=1e-5)
+            values = result.get_fdata()
+            assert np.isfinite(values).all() and values.min() >= 0.0, (name, suffix)
+            if suffix != "nll":
+                assert values.max() <= 1.0
+        if shape[1] == 144:  # padded back from the network's 256 x 128: nothing was found in the margins
+            anomaly = nib.load(tmp_path / "out" / f"{stem}_anomaly.nii.gz").get_fdata().reshape(256, 144)
+            assert not anomaly[:, :8].any() and not anomaly[:, -8:].any()
+    with open(tmp_path / "out" / "anomaly_scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(row["image"]).name for row in rows) == sorted(inputs)
+    assert all(float(row["score_bits"]) > 0 and 0 <= float(row["resampled_fraction"]) <= 1 for row in rows)
+    assert Image.open(tmp_path / "out" / "anomaly_grid.png").size[1] >= 3 * 128
+    # the threshold was calibrated on the validation split and stored beside the weights it holds for
+    stored = json.loads((trained / "models" / "anomaly_threshold.json").read_text())
+    assert stored["num_images"] == 2 and stored["split"] == "validate" and stored["quantile"] == 0.95
+    assert stored["top"] > 0 and stored["bottom"] > 0
+    from bundle.anomaly.threshold import weights_digests
+
+    digests = weights_digests([trained / "models" / "model.pt", trained / "models" / "prior" / "prior.pt"])
+    assert [stored["weights"]["vqvae"], stored["weights"]["prior"]] == digests
+    # a threshold no code reaches: nothing is resampled, so every gated map is zero; the stored one is kept
+    run_bundle(
+        "anomaly",
+        "configs/inference.json,configs/anomaly.json",
+        "--output_dir",
+        tmp_path / "none",
+        "--threshold",
+        "1e9",
+        *common,
+    )
+    for name in inputs:
+        assert not nib.load(tmp_path / "none" / name.replace(".nii.gz", "_anomaly.nii.gz")).get_fdata().any()
+    assert json.loads((trained / "models" / "anomaly_threshold.json").read_text()) == stored
+
+
+@pytest.mark.slow
+def test_anomaly_benchmark_reports_both_methods(trained: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    run_bundle(
+        "evaluating",
+        "configs/inference.json,configs/anomaly.json,configs/evaluate_anomaly.json",
+        "--dataset_dir",
+        phantom_dir,
+        "--ckpt_dir",
+        trained / "models",
+        "--output_dir",
+        tmp_path,
+        "--codes_dir",
+        tmp_path / "codes",
+        "--latency_slices",
+        2,
+        *TINY_NETWORK,
+        *TINY_PRIOR,
+    )
+    report = json.loads((tmp_path / "anomaly_metrics.json").read_text())
+    for method in ("healing_gated", "healing_ungated", "reconstruction_error"):
+        for key in ("pixel_auprc", "best_dice", "image_auroc"):
+            assert 0.0 <= report[method][key] <= 1.0, (method, key)
+    assert 0.0 <= report["likelihood_score"]["image_auroc"] <= 1.0
+    assert report["setup"]["slices"] == 6 and report["setup"]["bright_lesions"] == 3
+    assert report["setup"]["heal_levels"] == "bottom" and report["setup"]["gated"] is True
+    for timing in ("healing_map", "reconstruction_error_map"):
+        assert report["latency"][timing]["threads"] == 2 and report["latency"][timing]["slices"] == 2
+        assert report["latency"][timing]["median_ms"] > 0
+    # the lesions are those of the seed, whatever the process that draws them
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(["configs/inference.json", "configs/evaluate_anomaly.json"])
+    parser.update({"dataset_dir": str(phantom_dir)})
+    dataset = parser.get_parsed_content("test_dataset")
+    masks = torch.stack([insert_lesion(dataset[i]["image"], 0, i)[1] for i in range(len(dataset))])
+    assert report["setup"]["lesion_pixel_fraction"] == pytest.approx(float(masks.float().mean()))
+    assert Image.open(tmp_path / "anomaly_examples.png").size == (6 * 256 + 5 * 2, 6 * 128 + 5 * 2)

@@ -175,7 +175,9 @@ def anomaly_benchmark(
     elapsed = time.perf_counter() - start
     report: dict = {method: method_metrics(on_lesioned[method], on_clean[method], masks) for method in METHODS}
     truth = torch.cat([torch.ones(len(images)), torch.zeros(len(images))])
-    report["likelihood_score"] = {"image_auroc": image_auroc(torch.cat([on_lesioned["score"], on_clean["score"]]), truth)}
+    report["likelihood_score"] = {
+        "image_auroc": image_auroc(torch.cat([on_lesioned["score"], on_clean["score"]]), truth)
+    }
     report["gate"] = {
         "lesion_pixels_resampled": float(on_lesioned["resampled"][masks].mean()),
         "pixels_resampled_lesioned": float(on_lesioned["resampled"].mean()),
@@ -194,7 +196,11 @@ def anomaly_benchmark(
         "slices": len(images),
         "lesion_seed": seed,
         "bright_lesions": int(sum(lesion.bright for lesion in lesions)),
-        "lesion_major_radius_px": {"min": float(radii.min()), "median": float(np.median(radii)), "max": float(radii.max())},
+        "lesion_major_radius_px": {
+            "min": float(radii.min()),
+            "median": float(np.median(radii)),
+            "max": float(radii.max()),
+        },
         "lesion_pixel_fraction": float(masks.float().mean()),
         "thresholds_bits": list(detector.thresholds),
         "heal_levels": detector.levels,

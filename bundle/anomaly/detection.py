@@ -149,9 +149,7 @@ class AnomalyDetector:
         size = images.shape[-2:]
         images = images.float().cpu()
         top, bottom, reconstruction = self.reconstruct(images)
-        codes = heal_codes(
-            self.prior, top, bottom, self.thresholds, self.levels, self.temperature, self.seed, labels
-        )
+        codes = heal_codes(self.prior, top, bottom, self.thresholds, self.levels, self.temperature, self.seed, labels)
         healed = self.vqvae.decode_samples(codes.healed_top, codes.healed_bottom).float().clamp(0.0, 1.0).cpu()
         resampled = torch.maximum(upsample(codes.top_resampled, size), upsample(codes.bottom_resampled, size)).cpu()
         residual = smooth((images - healed).abs(), self.sigma)

@@ -41,9 +41,7 @@ class Lesion:
     contrast: float
 
 
-def draw_lesion(
-    image: np.ndarray, seed: int, index: int, min_radius: float = 1.5, max_radius: float = 24.0
-) -> Lesion:
+def draw_lesion(image: np.ndarray, seed: int, index: int, min_radius: float = 1.5, max_radius: float = 24.0) -> Lesion:
     """Draw the lesion of slice ``index`` for ``seed``: bright for even indices, dark for odd ones.
 
     Args:
@@ -129,8 +127,4 @@ def insert_lesion(
     sign = 1.0 if lesion.bright else -1.0
     target = float(np.clip(array[inside].mean() + sign * lesion.contrast if inside.any() else 0.5, 0.0, 1.0))
     lesioned = array * (1.0 - weight) + target * weight
-    return (
-        torch.from_numpy(np.clip(lesioned, 0.0, 1.0))[None].to(image.dtype),
-        torch.from_numpy(inside)[None],
-        lesion,
-    )
+    return (torch.from_numpy(np.clip(lesioned, 0.0, 1.0))[None].to(image.dtype), torch.from_numpy(inside)[None], lesion)

@@ -8,15 +8,14 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
+from lib.bundle_config import apply_overrides, ensure_importable
+from lib.errors import RequestError
+from lib.nifti import write_like_input
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-
-from lib.bundle_config import apply_overrides, ensure_importable
-from lib.errors import RequestError
-from lib.nifti import write_like_input
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,8 @@ class AnomalyInfer(BasicInferTask):
 
     Request params: ``result`` (``"map"``, the default: the float map; ``"mask"``: the map above
     ``mask_threshold`` as a 0/1 label, which MONAI Label stores as the image's label with
-    ``{"save_label": true, "label_tag": "anomaly"}``), ``mask_threshold`` (map value, default 0.1), ``threshold`` (NLL threshold in bits for both levels; -1 or absent: the calibrated ones).
+    ``{"save_label": true, "label_tag": "anomaly"}``), ``mask_threshold`` (map value, default 0.1), ``threshold``
+    (NLL threshold in bits for both levels; -1 or absent: the calibrated ones).
     The result JSON gives the image's score (bits), the thresholds used and the fraction of pixels resampled and
     masked.
     Weights: ``models/model.pt``, ``models/prior/prior.pt`` and the calibration ``models/anomaly_threshold.json``

@@ -8,14 +8,15 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
-from lib.bundle_config import apply_overrides, ensure_importable
-from lib.errors import RequestError
-from lib.nifti import write_like_input
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.bundle_config import apply_overrides, ensure_importable
+from lib.errors import RequestError
+from lib.nifti import write_like_input
 
 logger = logging.getLogger(__name__)
 

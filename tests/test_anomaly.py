@@ -307,6 +307,9 @@ def test_thresholds_override_stored_and_stale(tmp_path: Path) -> None:
     assert resolve_thresholds(None, path, calibration, weights) == (7.0, 4.0) and len(calls) == 2  # stale
     save_calibration(path, {"top": 1.0, "bottom": 2.0, "quantile": 0.5, "num_images": 1}, weights)
     assert resolve_thresholds(None, path, calibration, weights) == (1.0, 2.0)
+    assert resolve_thresholds(None, path, calibration, weights, {"quantile": 0.5}) == (1.0, 2.0)
+    assert resolve_thresholds(None, path, calibration, weights, {"quantile": 0.99}) == (8.0, 4.0)  # other settings
+    assert len(calls) == 3 and json.loads(path.read_text())["quantile"] == 0.99
     for bad in ("[1, 2, 3]", "high", [1.0]):
         with pytest.raises(ValueError, match="threshold"):
             parse_threshold(bad)

@@ -7,14 +7,14 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bundle.anomaly.detection import AnomalyDetector
-from bundle.anomaly.lesions import insert_lesion
+from bundle.anomaly.lesions import Lesion, insert_lesion
 from bundle.anomaly.metrics import average_precision, best_dice, image_auroc
 from bundle.engine.io import atomic_write_json, save_grid, to_uint8
 
@@ -131,6 +131,45 @@ def _save_examples(
     save_grid(path, rows)
 
 
+def _detection_report(
+    on_lesioned: dict[str, torch.Tensor], on_clean: dict[str, torch.Tensor], masks: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """:func:`method_metrics` of every method, the likelihood score's image-level AUROC, and how much of the
+    lesions and of the slices the gate let through."""
+    report = {method: method_metrics(on_lesioned[method], on_clean[method], masks) for method in METHODS}
+    scores = torch.cat([on_lesioned["score"], on_clean["score"]])
+    truth = torch.cat([torch.ones(len(masks)), torch.zeros(len(masks))])
+    report["likelihood_score"] = {"image_auroc": image_auroc(scores, truth)}
+    report["gate"] = {
+        "lesion_pixels_resampled": float(on_lesioned["resampled"][masks].mean()),
+        "pixels_resampled_lesioned": float(on_lesioned["resampled"].mean()),
+        "pixels_resampled_clean": float(on_clean["resampled"].mean()),
+    }
+    return report
+
+
+def _setup(detector: AnomalyDetector, lesions: Sequence[Lesion], masks: torch.Tensor, seed: int) -> dict:
+    """The lesions and the detector's settings, for the report."""
+    radii = np.array([max(lesion.radii) for lesion in lesions])
+    return {
+        "slices": len(lesions),
+        "lesion_seed": seed,
+        "bright_lesions": int(sum(lesion.bright for lesion in lesions)),
+        "lesion_major_radius_px": {
+            "min": float(radii.min()),
+            "median": float(np.median(radii)),
+            "max": float(radii.max()),
+        },
+        "lesion_pixel_fraction": float(masks.float().mean()),
+        "thresholds_bits": list(detector.thresholds),
+        "heal_levels": detector.levels,
+        "gated": detector.gated,
+        "sigma": detector.sigma,
+        "temperature": detector.temperature,
+        "map_image_score": "largest map value",
+    }
+
+
 def anomaly_benchmark(
     detector: AnomalyDetector,
     dataset: torch.utils.data.Dataset,
@@ -173,16 +212,7 @@ def anomaly_benchmark(
     on_lesioned = collect_maps(detector, lesioned, labels, batch_size)
     on_clean = collect_maps(detector, images, labels, batch_size)
     elapsed = time.perf_counter() - start
-    report: dict = {method: method_metrics(on_lesioned[method], on_clean[method], masks) for method in METHODS}
-    truth = torch.cat([torch.ones(len(images)), torch.zeros(len(images))])
-    report["likelihood_score"] = {
-        "image_auroc": image_auroc(torch.cat([on_lesioned["score"], on_clean["score"]]), truth)
-    }
-    report["gate"] = {
-        "lesion_pixels_resampled": float(on_lesioned["resampled"][masks].mean()),
-        "pixels_resampled_lesioned": float(on_lesioned["resampled"].mean()),
-        "pixels_resampled_clean": float(on_clean["resampled"].mean()),
-    }
+    report = _detection_report(on_lesioned, on_clean, masks)
     timed = lesioned[: max(1, latency_slices)]
     report["latency"] = {
         "healing_map": latency(lambda x: detector(x, None if labels is None else labels[:1]), timed, latency_threads),
@@ -191,34 +221,13 @@ def anomaly_benchmark(
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    radii = np.array([max(lesion.radii) for lesion in lesions])
-    report["setup"] = {
-        "slices": len(images),
-        "lesion_seed": seed,
-        "bright_lesions": int(sum(lesion.bright for lesion in lesions)),
-        "lesion_major_radius_px": {
-            "min": float(radii.min()),
-            "median": float(np.median(radii)),
-            "max": float(radii.max()),
-        },
-        "lesion_pixel_fraction": float(masks.float().mean()),
-        "thresholds_bits": list(detector.thresholds),
-        "heal_levels": detector.levels,
-        "gated": detector.gated,
-        "sigma": detector.sigma,
-        "temperature": detector.temperature,
-        "map_image_score": "largest map value",
-        "seconds_for_all_maps": elapsed,
-    }
+    report["setup"] = {**_setup(detector, lesions, masks, seed), "seconds_for_all_maps": elapsed}
     output_dir = Path(output_dir)
     atomic_write_json(output_dir / "anomaly_metrics.json", report)
     count = min(num_examples, len(images))
     if count:
         examples = {key: value[:count] for key, value in on_lesioned.items()}
         _save_examples(output_dir / "anomaly_examples.png", lesioned[:count], masks[:count], examples, map_scale)
-    logger.info(
-        "Anomaly benchmark on %d slices: %s",
-        len(images),
-        {method: {k: round(v, 4) for k, v in report[method].items()} for method in METHODS},
-    )
+    summary = {method: {key: round(value, 4) for key, value in report[method].items()} for method in METHODS}
+    logger.info(f"Anomaly benchmark on {len(images)} slices: {summary}")
     return report

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,8 @@ def save_calibration(path: str | os.PathLike, calibration: dict, weights: Sequen
     return content
 
 
-def _stored(path: str | os.PathLike, weights: Sequence[str | os.PathLike]) -> dict | None:
-    """The stored calibration if it is readable and was made for ``weights``, else None."""
+def _stored(path: str | os.PathLike, weights: Sequence[str | os.PathLike], settings: Mapping[str, Any]) -> dict | None:
+    """The stored calibration if it is readable and was made for ``weights`` with ``settings``, else None."""
     if not Path(path).is_file():
         return None
     try:
@@ -117,6 +117,10 @@ def _stored(path: str | os.PathLike, weights: Sequence[str | os.PathLike]) -> di
     if stored_for != weights_digests(weights):
         logger.warning(f"{path} was calibrated for other weights: calibrating again.")
         return None
+    changed = {key: content.get(key) for key, value in settings.items() if content.get(key) != value}
+    if changed:
+        logger.warning(f"{path} was calibrated with {changed}, not {dict(settings)}: calibrating again.")
+        return None
     return content
 
 
@@ -125,22 +129,25 @@ def resolve_thresholds(
     path: str | os.PathLike,
     calibration: Callable[[], dict],
     weights: Sequence[str | os.PathLike],
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[float, float]:
-    """The ``(top, bottom)`` thresholds to use: the override, else the stored calibration of these weights, else a
-    new calibration (then stored).
+    """The ``(top, bottom)`` thresholds to use: the override, else the stored calibration of these weights and
+    settings, else a new calibration (then stored).
 
     Args:
         override: the user's threshold (see :func:`parse_threshold`) or None.
         path: the threshold file beside the weights (``models/anomaly_threshold.json``).
         calibration: makes a calibration (:func:`calibrate`) when none is stored.
         weights: ``(VQ-VAE weights, prior weights)`` files.
+        settings: entries the stored calibration must hold (e.g. ``{"quantile": 0.95, "split": "validate"}``);
+            None accepts any.
 
     Returns:
         ``(top, bottom)`` bits.
     """
     if override is not None:
         return parse_threshold(override)
-    content = _stored(path, weights)
+    content = _stored(path, weights, settings or {})
     if content is None:
         content = save_calibration(path, calibration(), weights)
     return float(content["top"]), float(content["bottom"])

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def calibrate(prior: TwoLevelPrior, encoded: dict[str, Any], quantile: float = 0.99, batch_size: int = 16) -> dict:
+def calibrate(prior: TwoLevelPrior, encoded: dict[str, Any], quantile: float = 0.95, batch_size: int = 16) -> dict:
     """Per-level thresholds: the ``quantile`` of the per-code NLL of normal code maps.
 
     Args:

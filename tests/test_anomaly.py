@@ -22,7 +22,7 @@ from bundle.anomaly.healing import code_nll, heal_codes, heal_level, level_nll, 
 from bundle.anomaly.lesions import body_mask, insert_lesion, lesion_weight
 from bundle.anomaly.metrics import average_precision, best_dice, image_auroc
 from bundle.anomaly.threshold import calibrate, parse_threshold, resolve_thresholds, save_calibration
-from bundle.stage2_prior.sampling import _pick_codes, sample_fast
+from bundle.stage2_prior.sampling import pick_codes, sample_fast
 from bundle.stage2_prior.two_level import TwoLevelPrior
 
 SHAPES = ((4, 2), (8, 4))  # the stand-in VQ-VAE's code maps of 32 x 16 images
@@ -59,7 +59,7 @@ def naive_heal(model, codes, resample, draws, cond_codes=None, labels=None) -> t
         for i in range(codes.shape[1]):
             for j in range(codes.shape[2]):
                 logits = model(codes, labels, cond_codes)[:, :, i, j]
-                drawn = _pick_codes(logits, draws[:, i, j].contiguous(), 1.0)
+                drawn = pick_codes(logits, draws[:, i, j].contiguous(), 1.0)
                 codes[:, i, j] = torch.where(resample[:, i, j], drawn, codes[:, i, j])
     return codes
 

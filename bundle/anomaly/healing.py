@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from bundle.stage2_prior.pixelcnn import GatedPixelCNN
 from bundle.stage2_prior.sampling import (
-    _cached_weights,
-    _condition,
-    _eval_on,
-    _pick_codes,
-    _position_logits,
-    _row_links,
+    cached_weights,
+    condition_features,
+    eval_on,
+    pick_codes,
+    position_logits,
+    row_links,
     level_generators,
 )
 from bundle.stage2_prior.two_level import TwoLevelPrior
@@ -57,7 +57,7 @@ def level_nll(
         Float32 ``[B, h, w]``: ``-log2 p(code[i, j] | codes before it, labels, cond_codes)``.
     """
     device = next(model.parameters()).device
-    with _eval_on(model, device):
+    with eval_on(model, device):
         logits = model(codes.to(device), labels, None if cond_codes is None else cond_codes.to(device))
     return F.cross_entropy(logits.float(), codes.to(device).long(), reduction="none") / math.log(2)
 
@@ -152,9 +152,9 @@ def heal_level(
         return codes
     last_row = max(i for i, last in enumerate(last_columns) if last >= 0)
     draws = draws.permute(1, 2, 0).contiguous().to(device)  # [H, W, N]: one position's draws contiguous
-    with _eval_on(model, device):
-        cond = _condition(model, cond_codes, n, (height, width), device)
-        weights = _cached_weights(model, labels, n)
+    with eval_on(model, device):
+        cond = condition_features(model, cond_codes, n, (height, width), device)
+        weights = cached_weights(model, labels, n)
         dtype = next(model.parameters()).dtype
         c, p = model.channels, model.kernel_size // 2
         pad = p + 1
@@ -162,12 +162,12 @@ def heal_level(
         h_in = [torch.zeros(n, width + pad, c, dtype=dtype, device=device) for _ in model.layers]
         gates = torch.empty(n, model.num_layers * c, dtype=dtype, device=device)
         for i in range(last_row + 1):
-            links = _row_links(model, weights, v_in, codes, cond, i)
+            links = row_links(model, weights, v_in, codes, cond, i)
             for j in range(last_columns[i] + 1):
-                logits = _position_logits(model, weights, h_in, gates, links, j)
+                logits = position_logits(model, weights, h_in, gates, links, j)
                 marked = resample[:, i, j]
                 if marked.any():
-                    drawn = _pick_codes(logits, draws[i, j], temperature)
+                    drawn = pick_codes(logits, draws[i, j], temperature)
                     codes[:, i, j] = torch.where(marked, drawn, codes[:, i, j])
                 h_in[0][:, j + pad] = model.embedding.weight[codes[:, i, j]]
     return codes

@@ -2,12 +2,13 @@
 
     python scripts/soak.py --iterations 3000 --slices 20000 --json outputs/soak.json
 
-1. Builds the bundle's VQ-VAE trainer from ``configs/inference.json`` + ``configs/train_vqvae.json`` (tiny phantom set, tiny network by default so
-   thousands of iterations fit in minutes on a CPU), runs ``--iterations`` iterations and samples the process's
-   resident memory (RSS) every ``--every`` iterations; reports the growth after a warm-up.
+1. Builds the bundle's VQ-VAE-2 trainer from ``configs/inference.json`` + ``configs/train_vqvae.json`` (tiny phantom
+   set, tiny network by default so thousands of iterations fit in minutes on a CPU), runs ``--iterations``
+   iterations and samples the process's resident memory (RSS) every ``--every`` iterations; reports the growth
+   after a warm-up.
 2. Writes ``--slices`` HipMRI-layout files (hard links to a few phantom slices, so the disk cost is nil), times
-   ``bundle.data.discovery.datalist`` on them, and builds the config's ``CacheDataset`` with ``--cache_rate`` to show that
-   memory follows what caching asks for, not the data set's size.
+   ``bundle.data.discovery.datalist`` on them, and builds the config's ``CacheDataset`` with ``--cache_rate`` to
+   show that memory follows what caching asks for, not the data set's size.
 """
 
 from __future__ import annotations
@@ -51,10 +52,19 @@ def soak(work: Path, iterations: int, every: int, tiny: bool) -> dict:
 
     data = work / "data"
     write_hipmri_phantoms(data, train_cases=2, val_cases=1, test_cases=1, slices_per_case=8)
-    overrides = {"dataset_dir": str(data), "output_dir": str(work / "out"), "ckpt_dir": str(work / "models"),
-                 "batch_size": 4, "max_epochs": 10**6, "val_interval": 10**6, "resume": False}
+    overrides = {
+        "dataset_dir": str(data),
+        "output_dir": str(work / "out"),
+        "ckpt_dir": str(work / "models"),
+        "batch_size": 4,
+        "max_epochs": 10**6,
+        "val_interval": 10**6,
+        "resume": False,
+    }
     if tiny:
-        overrides.update({"channels": [16, 32], "num_res_channels": [16, 16], "num_embeddings": 64, "embedding_dim": 16})
+        overrides.update(
+            {"channels": [16, 32], "num_res_channels": [16, 16], "num_embeddings": 64, "embedding_dim": 16}
+        )
     os.chdir(ROOT)
     parser = parser_for(overrides)
     parser.get_parsed_content("initialize")
@@ -70,9 +80,15 @@ def soak(work: Path, iterations: int, every: int, tiny: bool) -> dict:
     start = time.time()
     trainer.run()
     warm = [m for i, m in samples if i >= iterations // 5]
-    return {"iterations": trainer.state.iteration, "seconds": round(time.time() - start, 1),
-            "rss_mib_samples": samples, "rss_after_warmup_first_mib": warm[0], "rss_last_mib": warm[-1],
-            "rss_growth_after_warmup_mib": round(warm[-1] - warm[0], 1), "rss_max_after_warmup_mib": max(warm)}
+    return {
+        "iterations": trainer.state.iteration,
+        "seconds": round(time.time() - start, 1),
+        "rss_mib_samples": samples,
+        "rss_after_warmup_first_mib": warm[0],
+        "rss_last_mib": warm[-1],
+        "rss_growth_after_warmup_mib": round(warm[-1] - warm[0], 1),
+        "rss_max_after_warmup_mib": max(warm),
+    }
 
 
 def scale(work: Path, slices: int, cache_rate: float) -> dict:
@@ -98,11 +114,17 @@ def scale(work: Path, slices: int, cache_rate: float) -> dict:
     start = time.time()
     dataset = parser.get_parsed_content("train::dataset")
     cache_s = time.time() - start
-    return {"slices": len(items), "discovery_seconds": round(discover_s, 2),
-            "rss_before_mib": round(before, 1), "rss_after_discovery_mib": round(after_discovery, 1),
-            "cache_rate": cache_rate, "cached_items": int(dataset.cache_num), "cache_seconds": round(cache_s, 1),
-            "rss_after_cache_mib": round(rss_mib(), 1),
-            "expected_cache_mib": round(dataset.cache_num * 256 * 128 * 4 / 2**20, 1)}
+    return {
+        "slices": len(items),
+        "discovery_seconds": round(discover_s, 2),
+        "rss_before_mib": round(before, 1),
+        "rss_after_discovery_mib": round(after_discovery, 1),
+        "cache_rate": cache_rate,
+        "cached_items": int(dataset.cache_num),
+        "cache_seconds": round(cache_s, 1),
+        "rss_after_cache_mib": round(rss_mib(), 1),
+        "expected_cache_mib": round(dataset.cache_num * 256 * 128 * 4 / 2**20, 1),
+    }
 
 
 def main() -> None:
@@ -117,8 +139,14 @@ def main() -> None:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                              "torch": torch.__version__, "python": platform.python_version()}}
+        report = {
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            }
+        }
         report["scale"] = scale(Path(tmp) / "scale", options.slices, options.cache_rate)
         print(json.dumps(report["scale"], indent=1))
         report["soak"] = soak(Path(tmp) / "soak", options.iterations, options.every, not options.full_network)

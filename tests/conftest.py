@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 # for seconds costs more than it saves; tests/test_compile.py covers the compiled trainer.
 TINY_NETWORK = ["--channels", "[16, 32]", "--num_res_channels", "[16, 16]", "--num_embeddings", "64", "--embedding_dim", "16",
                 "--compile", "False"]
-# The top prior still covers the whole 32 x 16 top map (15 layers of kernel 5), as TwoLevelPrior requires.
-TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "[15, 3]", "--prior_head_channels", "32",
+# The top prior still covers the whole 16 x 8 top map (7 layers of kernel 5), as TwoLevelPrior requires.
+TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "[7, 3]", "--prior_head_channels", "32",
               "--prior_cond_channels", "8", "--prior_cond_blocks", "1"]
 
 

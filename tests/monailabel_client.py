@@ -3,7 +3,8 @@
 1. ``BundleInferTask`` itself (no app) on a bundle with default-size weights: ``configs/inference.json`` loads
    with ``load_strict=True`` and reconstructs; and on a bundle whose weights have other sizes it must refuse.
 2. The app in ``--app`` served in-process through FastAPI's TestClient: ``GET /info/`` and
-   ``POST /infer/{model}?image={id}`` for each study and both models.
+   ``POST /infer/{model}?image={id}`` for each study and every model (``anomaly`` as a map, as a mask, and with
+   a threshold that no code reaches).
 3. Requests the app must refuse (paths and unknown ids on ``/infer``, uploads whose id leaves the studies folder,
    corrupt uploads) and one that fails on the server's side, each with its status and message, and whether a
    file appeared where a refused request would have written it; then valid uploads, which must still work.
@@ -29,6 +30,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# (result key, model, params) of the requests made for every study, and of those answered as JSON
+INFER_REQUESTS = (
+    ("reconstruct", "reconstruct", {}),
+    ("generate", "generate", {"seed": 7, "temperature": 1.0}),
+    ("anomaly", "anomaly", {}),
+    ("anomaly_mask", "anomaly", {"result": "mask", "mask_threshold": 0.05}),
+    ("anomaly_nothing_unlikely", "anomaly", {"threshold": 1e9}),
+)
+JSON_REQUESTS = (
+    ("generate_seed_7", "generate", {"seed": 7}),
+    ("generate_random", "generate", {}),
+    ("anomaly_json", "anomaly", {"result": "mask", "mask_threshold": 0.05}),
+)
 
 
 def direct_bundle_infer_task(
@@ -125,7 +140,7 @@ def _probe_infer(client, studies: Path, secret: str) -> dict:
         "unknown": "no_such_slice",
     }
     result = {}
-    for model in ("reconstruct", "generate"):
+    for model in ("reconstruct", "generate", "anomaly"):
         for case, image in bad_ids.items():
             result[f"{model}/{case}"] = _answer(_infer(client, model, image, {"seed": 1}))
         result[f"{model}/params_image"] = _answer(_infer(client, model, "slice_a", {"image": secret}))
@@ -136,6 +151,9 @@ def _probe_infer(client, studies: Path, secret: str) -> dict:
     weights = {"model_filename": os.path.join("..", "..", "..", "model.pt")}
     result["reconstruct/model_filename"] = _answer(_infer(client, "reconstruct", "slice_a", weights))
     result["generate/temperature"] = _answer(_infer(client, "generate", "slice_a", {"temperature": "hot"}))
+    result["anomaly/result"] = _answer(_infer(client, "anomaly", "slice_a", {"result": "heatmap"}))
+    result["anomaly/mask_threshold"] = _answer(_infer(client, "anomaly", "slice_a", {"mask_threshold": -0.5}))
+    result["anomaly/threshold"] = _answer(_infer(client, "anomaly", "slice_a", {"threshold": "high"}))
     result["unknown_model"] = _answer(_infer(client, "segmentation", "slice_a"))
     return result
 
@@ -231,7 +249,7 @@ def serve(app_dir: str, studies_dir: str, conf: dict, out: Path, secret: str) ->
         images = sorted(client.get("/datastore/", params={"output": "all"}).json()["objects"])
         result["images"] = images
         for image in images:
-            for model, params in (("reconstruct", {}), ("generate", {"seed": 7, "temperature": 1.0})):
+            for key, model, params in INFER_REQUESTS:
                 begin = time.time()
                 response = client.post(
                     f"/infer/{model}", params={"image": image, "output": "image"}, data={"params": json.dumps(params)}
@@ -240,16 +258,17 @@ def serve(app_dir: str, studies_dir: str, conf: dict, out: Path, secret: str) ->
                     raise SystemExit(
                         f"POST /infer/{model}?image={image} -> {response.status_code}: " f"{response.text[:4000]}"
                     )
-                target = out / f"{model}_{image}.nii.gz"
+                target = out / f"{key}_{image}.nii.gz"
                 target.write_bytes(response.content)
-                result["infer"][f"{model}/{image}"] = {"file": str(target), "seconds": round(time.time() - begin, 2)}
-        # The result JSON alone: the seed that was used comes back, a fresh one when none is given.
-        for key, params in (("generate_seed_7", {"seed": 7}), ("generate_random", {})):
+                result["infer"][f"{key}/{image}"] = {"file": str(target), "seconds": round(time.time() - begin, 2)}
+        # The result JSON alone: the seed that was used comes back, a fresh one when none is given; the anomaly
+        # score and the thresholds used.
+        for key, model, params in JSON_REQUESTS:
             response = client.post(
-                "/infer/generate", params={"image": images[0], "output": "json"}, data={"params": json.dumps(params)}
+                f"/infer/{model}", params={"image": images[0], "output": "json"}, data={"params": json.dumps(params)}
             )
             if response.status_code != 200:
-                raise SystemExit(f"POST /infer/generate (json) -> {response.status_code}: {response.text[:4000]}")
+                raise SystemExit(f"POST /infer/{model} (json) -> {response.status_code}: {response.text[:4000]}")
             result[key] = response.json()
         missing = client.post("/infer/segmentation", params={"image": images[0], "output": "image"})
         result["unknown_model_status"] = missing.status_code
@@ -273,7 +292,7 @@ def main() -> None:
     studies = sorted(Path(args.studies).glob("*.nii*"))
 
     summary = {"direct": direct_bundle_infer_task(args.app, args.default_bundle, args.bundle, studies, out)}
-    conf = {"bundle_dir": args.bundle, "models": "reconstruct,generate", "overrides": args.overrides}
+    conf = {"bundle_dir": args.bundle, "models": "reconstruct,generate,anomaly", "overrides": args.overrides}
     summary["server"] = serve(args.app, args.studies, conf, out, args.secret)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps({k: v for k, v in summary["server"].items() if k not in ("info", "safety")}, default=str))

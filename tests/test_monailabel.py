@@ -36,7 +36,7 @@ TINY = {
     "num_embeddings": 64,
     "embedding_dim": 16,
     "prior_channels": 16,
-    "prior_layers": [15, 3],
+    "prior_layers": [7, 3],
     "prior_cond_channels": 8,
     "prior_cond_blocks": 1,
     "prior_head_channels": 32,
@@ -78,16 +78,27 @@ def _copy_bundle(target: Path) -> Path:
 
 
 def _save_weights(bundle_dir: Path, overrides: dict) -> None:
-    """Untrained networks as configs/inference.json builds them (with ``overrides``), in the bundle's layout."""
+    """Untrained networks as configs/inference.json builds them (with ``overrides``), in the bundle's layout, and
+    the anomaly threshold calibrated for them (the 0.9 quantile of the NLL of phantom slices' codes)."""
     from monai.bundle import ConfigParser
+
+    from bundle.anomaly.threshold import calibrate, save_calibration
+    from bundle.data.phantom import phantom_slice
 
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / "inference.json"))
     parser.update(overrides)
     torch.manual_seed(0)
     (bundle_dir / "models" / "prior").mkdir(parents=True)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle_dir / "models" / "model.pt")
-    torch.save(parser.get_parsed_content("prior_def").state_dict(), bundle_dir / "models" / "prior" / "prior.pt")
+    vqvae, prior = parser.get_parsed_content("network_def").eval(), parser.get_parsed_content("prior_def").eval()
+    weights = [bundle_dir / "models" / "model.pt", bundle_dir / "models" / "prior" / "prior.pt"]
+    torch.save(vqvae.state_dict(), weights[0])
+    torch.save(prior.state_dict(), weights[1])
+    slices = torch.stack([torch.from_numpy(phantom_slice(3, index, 16, 128, 0)[0]) for index in (4, 8, 12)])
+    with torch.no_grad():
+        top, bottom = vqvae.index_quantize((slices / slices.amax(dim=(1, 2), keepdim=True))[:, None])
+    calibration = calibrate(prior, {"top": top, "bottom": bottom}, quantile=0.9)
+    save_calibration(bundle_dir / "models" / "anomaly_threshold.json", calibration, weights)
 
 
 def _write_studies(folder: Path) -> None:
@@ -180,12 +191,13 @@ def test_bundle_infer_task_loads_inference_json_strictly(served: dict) -> None:
     assert "size mismatch" in (direct["size_mismatch_error"] or ""), direct["size_mismatch_error"]
 
 
-def test_info_lists_both_models(served: dict) -> None:
+def test_info_lists_every_model(served: dict) -> None:
     info = served["summary"]["server"]["info"]
-    assert sorted(info["models"]) == ["generate", "reconstruct"]
+    assert sorted(info["models"]) == ["anomaly", "generate", "reconstruct"]
     for model in info["models"].values():
         assert model["type"] == "others" and model["dimension"] == 2
     assert info["models"]["generate"]["config"]["seed"] == -1
+    assert info["models"]["anomaly"]["config"]["result"] == "map"
     assert served["summary"]["server"]["images"] == ["slice_a", "slice_b"]
     assert served["summary"]["server"]["unknown_model_status"] >= 400
 
@@ -207,6 +219,25 @@ def test_reconstruct_and_generate_keep_the_input_geometry(served: dict) -> None:
     np.testing.assert_array_equal(a, b)
 
 
+def test_anomaly_map_and_mask_keep_the_input_geometry(served: dict) -> None:
+    infer = served["summary"]["server"]["infer"]
+    for name in STUDIES:
+        study = served["studies"] / f"{name}.nii.gz"
+        anomaly_map = _check_like_input(infer[f"anomaly/{name}"]["file"], study)
+        mask = _check_like_input(infer[f"anomaly_mask/{name}"]["file"], study)
+        assert anomaly_map.max() > 0, f"{name}: no code above the threshold"
+        np.testing.assert_array_equal(mask, (anomaly_map > 0.05).astype(np.float32))
+        assert 0 < mask.sum() < mask.size
+        # a threshold no code reaches: nothing is resampled, and the gated map is zero
+        assert not _check_like_input(infer[f"anomaly_nothing_unlikely/{name}"]["file"], study).any()
+    result = served["summary"]["server"]["anomaly_json"]
+    assert result["result"] == "mask" and result["mask_threshold"] == 0.05
+    stored = json.loads((served["root"] / "bundle" / "models" / "anomaly_threshold.json").read_text())
+    assert result["thresholds_bits"] == [stored["top"], stored["bottom"]]
+    assert 0 < result["resampled_fraction"] < 1 and 0 < result["mask_fraction"] <= result["resampled_fraction"]
+    assert np.isfinite(result["score_bits"]) and result["score_bits"] > stored["bottom"]
+
+
 def test_generate_reports_its_seed(served: dict) -> None:
     server = served["summary"]["server"]
     assert server["generate_seed_7"]["seed"] == 7 and server["generate_seed_7"]["temperature"] == 1.0
@@ -221,7 +252,7 @@ def _refused(answer: dict, status: int, *words: str) -> None:
         assert word in answer["detail"], (word, answer)
 
 
-@pytest.mark.parametrize("model", ["reconstruct", "generate"])
+@pytest.mark.parametrize("model", ["reconstruct", "generate", "anomaly"])
 def test_infer_takes_only_datastore_ids(served: dict, model: str) -> None:
     infer = served["summary"]["server"]["safety"]["infer"]
     for case in ("absolute_outside", "absolute_in_studies", "etc_passwd", "relative_to_server_cwd", "dotdot"):
@@ -239,7 +270,10 @@ def test_infer_refuses_bad_model_and_params(served: dict) -> None:
     infer = server["safety"]["infer"]
     _refused(infer["reconstruct/model_filename"], 400, "model_filename", "model.pt")
     _refused(infer["generate/temperature"], 422, "temperature", "hot")
-    _refused(infer["unknown_model"], 404, "segmentation", "generate", "reconstruct")
+    _refused(infer["anomaly/result"], 422, "result", "heatmap")
+    _refused(infer["anomaly/mask_threshold"], 422, "mask_threshold", ">= 0")
+    _refused(infer["anomaly/threshold"], 422, "threshold", "high")
+    _refused(infer["unknown_model"], 404, "segmentation", "anomaly", "generate", "reconstruct")
     assert server["unknown_model_status"] == 404
 
 

@@ -35,7 +35,7 @@ def test_training_writes_weights_checkpoints_and_logs(trained: dict) -> None:
     out = trained["out"]
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_final.pt").is_file()
     state = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert state["quantizer.quantizer.embedding.weight"].shape == (64, 16)
+    assert state["top_quantizer.embedding.weight"].shape == state["bottom_quantizer.embedding.weight"].shape == (64, 16)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     checkpoints = sorted(p.name for p in (out / "outputs" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["checkpoint_epoch=3.pt"], "n_saved=1 keeps only the newest resumable checkpoint"

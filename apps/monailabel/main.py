@@ -1,15 +1,16 @@
-"""MONAI Label app for the pelvic MRI VQ-VAE + PixelCNN bundle: ``reconstruct`` and ``generate``.
+"""MONAI Label app for the pelvic MRI VQ-VAE + PixelCNN bundle: ``reconstruct``, ``generate`` and ``anomaly``.
 
 Start it from the bundle root (see README.md beside this file)::
 
     .venv-monailabel/bin/monailabel start_server --app apps/monailabel --studies /data/slices \
-        --conf models reconstruct,generate
+        --conf models reconstruct,generate,anomaly
 
 Conf options (``--conf KEY VALUE``):
 
 - ``bundle_dir``: the bundle root (default: the repository that holds this app, ``../..``). Weights are read
-  from ``<bundle_dir>/models/model.pt`` (VQ-VAE) and ``<bundle_dir>/models/prior/prior.pt`` (prior).
-- ``models``: ``reconstruct``, ``generate``, ``reconstruct,generate`` or ``all`` (default ``all``).
+  from ``<bundle_dir>/models/model.pt`` (VQ-VAE) and ``<bundle_dir>/models/prior/prior.pt`` (prior); ``anomaly``
+  also needs the threshold calibrated for them, ``<bundle_dir>/models/anomaly_threshold.json``.
+- ``models``: any of ``reconstruct``, ``generate`` and ``anomaly``, comma-separated, or ``all`` (default ``all``).
 - ``overrides``: JSON object of ``configs/inference.json`` IDs, for weights trained with other network sizes,
   e.g. ``'{"num_embeddings": 512}'`` (the same overrides that were given to training).
 - ``preload``: ``true`` to build the reconstruction network at start (MONAI Label's own option).
@@ -33,10 +34,11 @@ from lib.datastore import GuardedLocalDatastore, check_slice_file, datastore_ima
 from lib.errors import RequestError
 from lib.http_guards import install_request_guards, request_input_is_upload
 from lib.infers import GenerateInfer, ReconstructInfer
+from lib.infers.anomaly import AnomalyInfer
 
 logger = logging.getLogger(__name__)
 
-TASKS = {"reconstruct": ReconstructInfer, "generate": GenerateInfer}
+TASKS = {"reconstruct": ReconstructInfer, "generate": GenerateInfer, "anomaly": AnomalyInfer}
 
 
 class PelvicMRIApp(MONAILabelApp):
@@ -58,7 +60,7 @@ class PelvicMRIApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name=metadata.get("name", "Pelvic MRI VQ-VAE + PixelCNN"),
-            description="Reconstruction (VQ-VAE) and generation (PixelCNN prior) of 2D pelvic MRI slices",
+            description="Reconstruction (VQ-VAE), generation and anomaly maps (PixelCNN prior) of 2D pelvic MRI slices",
             version=metadata.get("version", "0"),
         )
 
@@ -71,7 +73,8 @@ class PelvicMRIApp(MONAILabelApp):
             else:
                 logger.warning(
                     f"Model '{name}' is not available: weights missing under {self.bundle_dir}/models "
-                    "(train first with the README's training command, or copy trained weights there)"
+                    "(train first with the README's training command, or copy trained weights there; anomaly also "
+                    "needs models/anomaly_threshold.json from the run ID calibrating of configs/anomaly.json)"
                 )
         return infers
 

@@ -41,10 +41,22 @@ from bundle.stage2_prior.pixelcnn import GatedPixelCNN
 if TYPE_CHECKING:
     from bundle.stage2_prior.two_level import TwoLevelPrior
 
-__all__ = ["sample_naive", "sample_fast", "sample_level", "sample_codes", "level_generators"]
+__all__ = [
+    "sample_naive",
+    "sample_fast",
+    "sample_level",
+    "sample_codes",
+    "level_generators",
+    "pick_codes",
+    "condition_features",
+    "eval_on",
+    "cached_weights",
+    "row_links",
+    "position_logits",
+]
 
 
-def _pick_codes(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+def pick_codes(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
     """Pick one code per sample by inverse CDF on ``softmax(logits / temperature)``.
 
     Args:
@@ -99,7 +111,7 @@ def _prepare(
     return device, labels, u.permute(1, 2, 0).contiguous().to(device)
 
 
-def _condition(
+def condition_features(
     model: GatedPixelCNN, cond_codes: torch.Tensor | None, num_samples: int, shape: Sequence[int], device: torch.device
 ) -> torch.Tensor | None:
     """The model's conditioning features ``[N, cond_channels, H, W]`` for ``cond_codes`` (None without)."""
@@ -109,7 +121,7 @@ def _condition(
 
 
 @contextlib.contextmanager
-def _eval_on(model: GatedPixelCNN, device: torch.device) -> Iterator[None]:
+def eval_on(model: GatedPixelCNN, device: torch.device) -> Iterator[None]:
     """Put ``model`` in eval mode on ``device`` and restore its mode and device afterwards."""
     was_training = model.training
     old_device = next(model.parameters()).device
@@ -165,12 +177,12 @@ def sample_naive(
         dtype = next(model.parameters()).dtype
         all_logits = torch.zeros(num_samples, model.num_embeddings, height, width, dtype=dtype, device=device)
     positions = [(i, j) for i in range(height) for j in range(width)][:max_positions]
-    with _eval_on(model, device):
-        cond = _condition(model, cond_codes, num_samples, shape, device)
+    with eval_on(model, device):
+        cond = condition_features(model, cond_codes, num_samples, shape, device)
         for i, j in positions:
             # positions >= (i, j) still hold 0; causality makes them irrelevant here
             logits = model.forward_embedded(model.embed(codes), labels, cond)[:, :, i, j]
-            codes[:, i, j] = _pick_codes(logits, u[i, j], temperature)
+            codes[:, i, j] = pick_codes(logits, u[i, j], temperature)
             if all_logits is not None:
                 all_logits[:, :, i, j] = logits
     return (codes, all_logits) if return_logits else codes
@@ -182,7 +194,7 @@ def _matrix(conv_weight: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _CachedWeights:
+class CachedWeights:
     """The model's weights rearranged once so that each position is a few small matmuls.
 
     Lists hold one entry per layer; ``N`` is the number of samples.
@@ -202,7 +214,7 @@ class _CachedWeights:
     cond_h: torch.Tensor | None  # [cond_channels, L*2C]: every layer's horizontal conditioning projection
 
 
-def _cached_weights(model: GatedPixelCNN, labels: torch.Tensor | None, n: int) -> _CachedWeights:
+def cached_weights(model: GatedPixelCNN, labels: torch.Tensor | None, n: int) -> CachedWeights:
     """Rearrange ``model``'s weights for :func:`sample_fast` (label biases folded in for ``n`` samples)."""
     c, p = model.channels, model.kernel_size // 2
     layers = list(model.layers)
@@ -220,7 +232,7 @@ def _cached_weights(model: GatedPixelCNN, labels: torch.Tensor | None, n: int) -
     if model.cond_channels > 0:
         cond_v = torch.cat([_matrix(layer.cond_proj_v.weight) for layer in layers], dim=1)
         cond_h = torch.cat([_matrix(layer.cond_proj_h.weight) for layer in layers], dim=1)
-    return _CachedWeights(
+    return CachedWeights(
         v_weight=[layer.v_conv.conv.weight for layer in layers],
         v_bias=v_bias,
         h_weight=[
@@ -245,9 +257,9 @@ def _cond_row(cond: torch.Tensor | None, projection: torch.Tensor | None, row: i
     return torch.matmul(cond[:, :, row].transpose(1, 2), projection)
 
 
-def _row_links(
+def row_links(
     model: GatedPixelCNN,
-    w: _CachedWeights,
+    w: CachedWeights,
     v_in: list[torch.Tensor],
     codes: torch.Tensor,
     cond: torch.Tensor | None,
@@ -291,9 +303,9 @@ def _row_links(
     return [link.contiguous() for link in links]
 
 
-def _position_logits(
+def position_logits(
     model: GatedPixelCNN,
-    w: _CachedWeights,
+    w: CachedWeights,
     h_in: list[torch.Tensor],
     gates: torch.Tensor,
     links: list[torch.Tensor],
@@ -307,7 +319,7 @@ def _position_logits(
         h_in: per-layer horizontal-stack inputs of the row, ``[N, W + p + 1, C]``, column ``j`` at ``j + p + 1``;
             column ``j`` of layers ``1..L-1`` is filled in here.
         gates: scratch ``[N, L*C]`` for the gated outputs of all layers.
-        links: from :func:`_row_links`.
+        links: from :func:`row_links`.
         j: the column.
 
     Returns:
@@ -353,9 +365,9 @@ def sample_fast(
     device, labels, u = _prepare(model, shape, num_samples, temperature, labels, generator, device)
     height, width = int(shape[0]), int(shape[1])
     n = num_samples
-    with _eval_on(model, device):
-        cond = _condition(model, cond_codes, n, shape, device)
-        w = _cached_weights(model, labels, n)
+    with eval_on(model, device):
+        cond = condition_features(model, cond_codes, n, shape, device)
+        w = cached_weights(model, labels, n)
         dtype = next(model.parameters()).dtype
         c, p = model.channels, model.kernel_size // 2
         # vertical-stack inputs of every layer, zero padded like VerticalConv (p rows on top, p columns on each
@@ -371,10 +383,10 @@ def sample_fast(
         if return_logits:
             all_logits = torch.zeros(n, model.num_embeddings, height, width, dtype=dtype, device=device)
         for i in range(height):
-            links = _row_links(model, w, v_in, codes, cond, i)
+            links = row_links(model, w, v_in, codes, cond, i)
             for j in range(width):
-                logits = _position_logits(model, w, h_in, gates, links, j)
-                new = _pick_codes(logits, u[i, j], temperature)
+                logits = position_logits(model, w, h_in, gates, links, j)
+                new = pick_codes(logits, u[i, j], temperature)
                 codes[:, i, j] = new
                 h_in[0][:, j + pad] = model.embedding.weight[new]
                 if all_logits is not None:

@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     for folder, report in results.items():
         print(f"{folder[-40:]:40s} " + " ".join(f"{report[k]:14.3f}" for k in keys))
     if args.json:
-        Path(args.json).write_text(json.dumps({"num": args.num, "seed": args.seed, "results": results}, indent=4) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"num": args.num, "seed": args.seed, "results": results}, indent=4) + "\n"
+        )
     return 0
 
 

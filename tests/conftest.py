@@ -14,11 +14,31 @@ sys.path.insert(0, str(ROOT))
 
 # Small enough for a 2-core CPU, large enough to exercise every code path. Eager: compiling a network that trains
 # for seconds costs more than it saves; tests/test_compile.py covers the compiled trainer.
-TINY_NETWORK = ["--channels", "[16, 32]", "--num_res_channels", "[16, 16]", "--num_embeddings", "64", "--embedding_dim", "16",
-                "--compile", "False"]
+TINY_NETWORK = [
+    "--channels",
+    "[16, 32]",
+    "--num_res_channels",
+    "[16, 16]",
+    "--num_embeddings",
+    "64",
+    "--embedding_dim",
+    "16",
+    "--compile",
+    "False",
+]
 # The top prior still covers the whole 16 x 8 top map (7 layers of kernel 5), as TwoLevelPrior requires.
-TINY_PRIOR = ["--prior_channels", "16", "--prior_layers", "[7, 3]", "--prior_head_channels", "32",
-              "--prior_cond_channels", "8", "--prior_cond_blocks", "1"]
+TINY_PRIOR = [
+    "--prior_channels",
+    "16",
+    "--prior_layers",
+    "[7, 3]",
+    "--prior_head_channels",
+    "32",
+    "--prior_cond_channels",
+    "8",
+    "--prior_cond_blocks",
+    "1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +61,20 @@ def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subp
 
     ``config`` is one config file or several, comma-separated, layered in that order (given to MONAI as a list).
     """
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_list(config), *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config_list(config),
+        *map(str, args),
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        pytest.fail(
+            f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result

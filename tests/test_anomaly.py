@@ -12,10 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
 from monai.metrics import compute_average_precision
 from PIL import Image
-from two_level_stand_in import TinyTwoLevelVQVAE
 
 from bundle.anomaly.detection import AnomalyDetector, image_score
 from bundle.anomaly.healing import code_nll, heal_codes, heal_level, level_nll, uniforms
@@ -24,6 +22,9 @@ from bundle.anomaly.metrics import average_precision, best_dice, image_auroc
 from bundle.anomaly.threshold import calibrate, parse_threshold, resolve_thresholds, save_calibration
 from bundle.stage2_prior.sampling import pick_codes, sample_fast
 from bundle.stage2_prior.two_level import TwoLevelPrior
+
+from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
+from two_level_stand_in import TinyTwoLevelVQVAE
 
 SHAPES = ((4, 2), (8, 4))  # the stand-in VQ-VAE's code maps of 32 x 16 images
 

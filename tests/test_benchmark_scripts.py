@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from monai.networks.layers.vector_quantizer import EMAQuantizer
+from monai.networks.nets import VQVAE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bundle.stage1_vqvae.codebook import find_quantizer, init_codebook, kmeans, restart_dead_codes
 from bundle.stage1_vqvae.codebook_monitor import CodebookMonitor
-from monai.networks.nets import VQVAE
 
 
 def _tiny_vqvae(num_embeddings: int = 32, decay: float = 0.99) -> VQVAE:

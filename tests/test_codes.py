@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from two_level_stand_in import TinyTwoLevelVQVAE
+from monai.networks.nets import VQVAE
 
 from bundle.engine.weights import load_weights
-from monai.networks.nets import VQVAE
 from bundle.stage2_prior.codes import CodeDataset, encode_dataset
+
+from two_level_stand_in import TinyTwoLevelVQVAE
 
 
 def _vqvae(num_embeddings: int = 16) -> VQVAE:

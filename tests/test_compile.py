@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -20,6 +19,8 @@ from bundle.engine.compiling import (
     use_compile,
     with_eager_fallback,
 )
+
+from conftest import ROOT
 
 
 def _trainer_losses(compile_on: bool, data: Path, out: Path, iterations: int = 3) -> tuple[list[float], object, object]:

@@ -27,8 +27,13 @@ WORLD_SIZE = 2
 
 # Handlers that write files or console output: on rank 0 only (``"_disabled_": "@is_not_rank0"`` in the training configs).
 RANK0_ONLY = {
-    "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler", "ignite.handlers.ProgressBar",
-    "bundle.engine.checkpoint.EngineCheckpointSaver", "bundle.engine.checkpoint.AtomicCheckpointSaver", "bundle.stage2_prior.sample_grid.SampleGridWriter",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "ignite.handlers.ProgressBar",
+    "bundle.engine.checkpoint.EngineCheckpointSaver",
+    "bundle.engine.checkpoint.AtomicCheckpointSaver",
+    "bundle.stage2_prior.sample_grid.SampleGridWriter",
 }
 HANDLER_LISTS = ["train::handlers", "validate::handlers", "prior_train::handlers", "prior_validate::handlers"]
 
@@ -107,7 +112,14 @@ def _probe_overlay(tmp: Path) -> Path:
 def test_writers_are_disabled_on_other_ranks_and_only_writers() -> None:
     """Every file/console writer is rank-0 only, and nothing that takes part in collectives is."""
     parser = ConfigParser()
-    parser.read_config(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json", "configs/multi_gpu_train.json"])
+    parser.read_config(
+        [
+            "configs/inference.json",
+            "configs/train_vqvae.json",
+            "configs/train_prior.json",
+            "configs/multi_gpu_train.json",
+        ]
+    )
     for list_id in HANDLER_LISTS:
         for index, handler in enumerate(parser[list_id]):
             target = handler["_target_"]
@@ -117,7 +129,14 @@ def test_writers_are_disabled_on_other_ranks_and_only_writers() -> None:
 
 def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
     parser = ConfigParser()
-    parser.read_config(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json", "configs/multi_gpu_train.json"])
+    parser.read_config(
+        [
+            "configs/inference.json",
+            "configs/train_vqvae.json",
+            "configs/train_prior.json",
+            "configs/multi_gpu_train.json",
+        ]
+    )
     parser.resolve_macro_and_relative_ids()
     for net, definition in (("network", "@network_def"), ("prior_network", "@prior_def")):
         assert parser[net].startswith("$torch.nn.parallel.DistributedDataParallel(") and definition in parser[net]
@@ -133,31 +152,81 @@ def test_overlay_wraps_both_networks_and_shards_all_loaders() -> None:
 def test_overlay_only_adds_what_changes_across_processes() -> None:
     """The overlay holds the process group, the device, DDP wrapping and samplers, and no copy of other IDs."""
     overlay = ConfigParser.load_config_file(str(ROOT / "configs" / "multi_gpu_train.json"))
-    allowed = {"+imports", "device", "dist_backend", "ddp_device_ids", "network", "prior_network", "initialize", "training",
-               "finalize"}
+    allowed = {
+        "+imports",
+        "device",
+        "dist_backend",
+        "ddp_device_ids",
+        "network",
+        "prior_network",
+        "initialize",
+        "training",
+        "finalize",
+    }
     extra = {key for key in overlay if key not in allowed and not key.endswith("sampler")}
     assert not extra, f"the multi-GPU overlay copies IDs it does not change: {sorted(extra)}"
     assert overlay["initialize"][0].startswith("$torch.distributed.is_initialized() or")
     assert "$idist.sync()" in overlay["initialize"], "ignite must pick up the process group before rank-0-only queries"
     assert overlay["finalize"][-1] == "$torch.distributed.destroy_process_group()"
-    assert overlay["training"] == ["$@train#trainer.run()", "$torch.distributed.barrier()", "$@prior_train#trainer.run()"]
+    assert overlay["training"] == [
+        "$@train#trainer.run()",
+        "$torch.distributed.barrier()",
+        "$@prior_train#trainer.run()",
+    ]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
     tmp = tmp_path_factory.mktemp("ddp")
     overlay = _probe_overlay(tmp)
-    configs = str(["configs/inference.json", "configs/train_vqvae.json", "configs/train_prior.json",
-                   "configs/multi_gpu_train.json", str(overlay)])
+    configs = str(
+        [
+            "configs/inference.json",
+            "configs/train_vqvae.json",
+            "configs/train_prior.json",
+            "configs/multi_gpu_train.json",
+            str(overlay),
+        ]
+    )
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
-        "-m", "monai.bundle", "run", "training", "--config_file", configs,
-        "--dataset_dir", str(phantom_dir), "--output_dir", str(tmp / "outputs"), "--ckpt_dir", str(tmp / "models"),
-        "--batch_size", "4", "--max_epochs", "2", "--prior_batch_size", "4", "--prior_max_epochs", "2",
-        "--prior_sample_count", "2", "--codebook_restart_interval", "1", *TINY_NETWORK, *TINY_PRIOR,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD_SIZE}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(phantom_dir),
+        "--output_dir",
+        str(tmp / "outputs"),
+        "--ckpt_dir",
+        str(tmp / "models"),
+        "--batch_size",
+        "4",
+        "--max_epochs",
+        "2",
+        "--prior_batch_size",
+        "4",
+        "--prior_max_epochs",
+        "2",
+        "--prior_sample_count",
+        "2",
+        "--codebook_restart_interval",
+        "1",
+        *TINY_NETWORK,
+        *TINY_PRIOR,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")]),
+    )
     try:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     except subprocess.TimeoutExpired as error:  # a collective mismatch hangs rather than fails
@@ -210,11 +279,20 @@ def test_one_set_of_outputs_written_by_rank_0(ddp_run: dict) -> None:
     models = sorted(str(p.relative_to(tmp / "models")) for p in (tmp / "models").rglob("*.pt"))
     assert models == ["model.pt", "model_final.pt", "prior/prior.pt", "prior/prior_final.pt"]
     # The best-score records that keep a resumed run from replacing a better model: one each, by rank 0.
-    assert sorted(p.name for p in (tmp / "models").rglob(".*.best.json")) == [".model.pt.best.json", ".prior.pt.best.json"]
-    checkpoints = sorted(str(p.relative_to(tmp / "outputs" / "checkpoints"))
-                         for p in (tmp / "outputs" / "checkpoints").rglob("*") if p.is_file())
+    assert sorted(p.name for p in (tmp / "models").rglob(".*.best.json")) == [
+        ".model.pt.best.json",
+        ".prior.pt.best.json",
+    ]
+    checkpoints = sorted(
+        str(p.relative_to(tmp / "outputs" / "checkpoints"))
+        for p in (tmp / "outputs" / "checkpoints").rglob("*")
+        if p.is_file()
+    )
     assert [c for c in checkpoints if c.endswith(".pt")] == ["checkpoint_epoch=2.pt", "prior/checkpoint_epoch=2.pt"]
-    assert set(checkpoints) - {"checkpoint_epoch=2.pt", "prior/checkpoint_epoch=2.pt"} <= {"run_config.json", "versions.json"}
+    assert set(checkpoints) - {"checkpoint_epoch=2.pt", "prior/checkpoint_epoch=2.pt"} <= {
+        "run_config.json",
+        "versions.json",
+    }
     events = list((tmp / "outputs" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and len({p.name.split(".")[-2] for p in events}) == 1, "TensorBoard files from more than one process"
     assert (tmp / "outputs" / "prior_samples.png").is_file()
@@ -244,6 +322,9 @@ def test_codebook_and_weights_identical_on_every_rank(ddp_run: dict) -> None:
         for key in rank0:
             assert torch.equal(rank0[key], rank1[key]), f"{stage}: {key} differs between ranks"
     rank0 = _states(ddp_run, "vqvae")[0]["state"]
-    for key in [f"{level}_quantizer.{name}" for level in ("top", "bottom") for name in
-                ("embedding.weight", "ema_cluster_size", "ema_w")]:
+    for key in [
+        f"{level}_quantizer.{name}"
+        for level in ("top", "bottom")
+        for name in ("embedding.weight", "ema_cluster_size", "ema_w")
+    ]:
         assert torch.equal(rank0[key], final[key]), key

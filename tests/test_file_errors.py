@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
@@ -23,6 +22,8 @@ from monai.transforms import Compose, Lambdad
 from bundle.data.transforms import RequireFinited
 from bundle.engine.file_errors import CheckedCacheDataset, FileErrors, UnreadableFilesError
 from bundle.evaluation.writers import MetricsJSONWriter
+
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")

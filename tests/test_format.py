@@ -19,8 +19,11 @@ def _tool(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "command",
-    [["black", "--check", "--quiet", *PYTHON_TREES], ["isort", "--check-only", "--quiet", *PYTHON_TREES],
-     ["flake8", *PYTHON_TREES]],
+    [
+        ["black", "--check", "--quiet", *PYTHON_TREES],
+        ["isort", "--check-only", "--quiet", *PYTHON_TREES],
+        ["flake8", *PYTHON_TREES],
+    ],
     ids=["black", "isort", "flake8"],
 )
 def test_python_is_formatted_and_lint_free(command: list[str]) -> None:

@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
 
 pytestmark = pytest.mark.slow
-
 
 
 @pytest.fixture(scope="module")

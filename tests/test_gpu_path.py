@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
-from conftest import ROOT
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from torch.overrides import TorchFunctionMode
@@ -24,6 +23,8 @@ from torch.overrides import TorchFunctionMode
 from bundle.engine.amp import needs_grad_scaler, resolve_amp_dtype
 from bundle.engine.guards import NonFiniteGuard
 from bundle.engine.inferers import AutocastInferer
+
+from conftest import ROOT
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

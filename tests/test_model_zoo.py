@@ -22,8 +22,17 @@ from monai.bundle import ConfigParser
 from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 
 REQUIRED_METADATA = [
-    "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-    "task", "description", "authors", "copyright", "network_data_format",
+    "version",
+    "changelog",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
 ]
 ZOO_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 CONFIGS = {
@@ -32,7 +41,14 @@ CONFIGS = {
     "eval": ["inference.json", "evaluate.json"],
 }
 REQUIRED_TENSOR = [
-    "type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+    "type",
+    "format",
+    "modality",
+    "num_channels",
+    "spatial_shape",
+    "dtype",
+    "value_range",
+    "is_patch_data",
     "channel_def",
 ]
 # ckpt_export checks: max |TorchScript - eager| per exported network, written for the report (pytest -s shows it).
@@ -52,7 +68,9 @@ def _monai_bundle(*args: str, timeout: int = 300, cwd=ROOT) -> subprocess.Comple
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        pytest.fail(
+            f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
@@ -113,8 +131,9 @@ def test_version_is_the_latest_changelog_entry_and_root_metadata_links_to_it() -
 def test_bundle_files_the_model_zoo_expects() -> None:
     for path in ("LICENSE", "docs/README.md", "docs/data_license.txt", "configs/logging.conf", "large_files.yml"):
         assert (ROOT / path).is_file(), path
-    for name in {name for files in CONFIGS.values() for name in files} | {"multi_gpu_train.json", "sample.json"}:
-        assert (ROOT / "configs" / name).is_file(), name
+    config_names = {name for files in CONFIGS.values() for name in files} | {"multi_gpu_train.json", "sample.json"}
+    for config_name in config_names:
+        assert (ROOT / "configs" / config_name).is_file(), config_name
 
 
 def test_large_files_lists_only_downloadable_entries() -> None:
@@ -155,8 +174,16 @@ def test_zoo_properties_hold_from_another_directory(workflow_type: str, phantom_
 
 
 def test_verify_net_in_out() -> None:
-    result = _monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                           "--config_file", "configs/inference.json", "--device", "cpu")
+    result = _monai_bundle(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--device",
+        "cpu",
+    )
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 
 
@@ -188,9 +215,24 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _export(tiny_weights: dict, net_id: str, name: str, ckpt: str, *args: str) -> torch.jit.ScriptModule:
     """``ckpt_export`` as the Model Zoo runs it, from another working directory; scripted unless ``args`` trace."""
     tmp = tiny_weights["tmp"]
-    _monai_bundle("ckpt_export", net_id, "--filepath", tmp / name, "--ckpt_file", tmp / ckpt, "--bundle_root", ROOT,
-                  "--meta_file", ROOT / "configs/metadata.json", "--config_file", ROOT / "configs/inference.json",
-                  *TINY_NETWORK, *TINY_PRIOR, *args, cwd=tmp)
+    _monai_bundle(
+        "ckpt_export",
+        net_id,
+        "--filepath",
+        tmp / name,
+        "--ckpt_file",
+        tmp / ckpt,
+        "--bundle_root",
+        ROOT,
+        "--meta_file",
+        ROOT / "configs/metadata.json",
+        "--config_file",
+        ROOT / "configs/inference.json",
+        *TINY_NETWORK,
+        *TINY_PRIOR,
+        *args,
+        cwd=tmp,
+    )
     extra = {"metadata.json": "", "inference.json": ""}
     module = torch.jit.load(str(tmp / name), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == _metadata()["version"]
@@ -220,12 +262,20 @@ def test_ckpt_export_scripts_the_reconstruction_network(tiny_weights: dict) -> N
 
 
 def test_ckpt_export_decoder_for_sampling(tiny_weights: dict) -> None:
-    module = _export(tiny_weights, "network_def", "decoder.ts", "model.pt",
-                     "--network_def#_target_", "bundle.stage1_vqvae.export.VQVAE2Decoder")
+    module = _export(
+        tiny_weights,
+        "network_def",
+        "decoder.ts",
+        "model.pt",
+        "--network_def#_target_",
+        "bundle.stage1_vqvae.export.VQVAE2Decoder",
+    )
     encoding = ("bottom_encoder.", "top_encoder.", "top_decoder.", "bottom_projection.")
     assert not any(k.startswith(encoding) for k in module.state_dict()), "the decoder export carries the encoder"
     generator = torch.Generator().manual_seed(1)
-    top, bottom = torch.randint(0, 64, (3, 16, 8), generator=generator), torch.randint(0, 64, (3, 64, 32), generator=generator)
+    top, bottom = torch.randint(0, 64, (3, 16, 8), generator=generator), torch.randint(
+        0, 64, (3, 64, 32), generator=generator
+    )
     vqvae = tiny_weights["vqvae"]
     with torch.no_grad():
         eager = vqvae.decode_samples(top, bottom)
@@ -239,8 +289,18 @@ def test_ckpt_export_decoder_for_sampling(tiny_weights: dict) -> None:
 
 
 def test_ckpt_export_top_prior(tiny_weights: dict) -> None:
-    module = _export(tiny_weights, "prior_def", "prior_top.ts", "prior.pt", "--use_trace", "True",
-                     "--input_shape", "[1, 16, 8]", "--prior_def#_target_", "bundle.stage2_prior.export.TopPriorLogits")
+    module = _export(
+        tiny_weights,
+        "prior_def",
+        "prior_top.ts",
+        "prior.pt",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1, 16, 8]",
+        "--prior_def#_target_",
+        "bundle.stage2_prior.export.TopPriorLogits",
+    )
     codes = torch.randint(0, 64, (3, 16, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         eager = tiny_weights["prior"].top(codes)
@@ -262,7 +322,9 @@ def test_bottom_prior_traces_with_the_top_codes(tiny_weights: dict) -> None:
     assert isinstance(module, BottomPriorLogits)
     module.load_state_dict(prior.state_dict())
     generator = torch.Generator().manual_seed(3)
-    top, bottom = torch.randint(0, 64, (2, 16, 8), generator=generator), torch.randint(0, 64, (2, 64, 32), generator=generator)
+    top, bottom = torch.randint(0, 64, (2, 16, 8), generator=generator), torch.randint(
+        0, 64, (2, 64, 32), generator=generator
+    )
     with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):  # the range checks are baked out of the graph
         traced = torch.jit.trace(module, (bottom, top))
     with torch.no_grad():

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from conftest import ROOT, TINY_NETWORK, config_list, run_bundle
 
 pytestmark = pytest.mark.slow

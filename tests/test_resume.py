@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 from ignite.engine import Engine, Events
 
 from bundle.engine.checkpoint import (
@@ -24,6 +23,8 @@ from bundle.engine.checkpoint import (
     EngineCheckpointSaver,
     latest_checkpoint,
 )
+
+from conftest import ROOT, TINY_NETWORK, TINY_PRIOR
 
 KILLS = 4
 EPOCHS, PRIOR_EPOCHS = 16, 8

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from bundle.engine.run_lock import FolderInUseError, lock_folders, release_folders
 from bundle.engine.run_record import check_overrides
+
+from conftest import ROOT
 
 HOLD = """
 import sys, time

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from two_level_stand_in import TinyTwoLevelVQVAE
 
 from bundle.stage2_prior.generation import generate, sample_to_files, save_samples
 from bundle.stage2_prior.two_level import TwoLevelPrior
+
+from two_level_stand_in import TinyTwoLevelVQVAE
 
 SHAPES = ((4, 2), (8, 4))  # 32 x 16 images
 

@@ -9,12 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from PIL import Image
 
 from bundle.data.transforms import EnsureSlice2D
+
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")

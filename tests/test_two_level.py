@@ -12,9 +12,9 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from bundle.engine.inferers import AutocastInferer
+from bundle.evaluation.generation_report import nll_bits_per_code
 from bundle.stage2_prior.codes import CodeDataset
 from bundle.stage2_prior.export import BottomPriorLogits, TopPriorLogits
-from bundle.evaluation.generation_report import nll_bits_per_code
 from bundle.stage2_prior.sampling import level_generators, sample_codes, sample_fast, sample_naive
 from bundle.stage2_prior.two_level import NLLBits, TwoLevelCrossEntropy, TwoLevelPrior, prepare_code_batch
 
@@ -245,6 +245,7 @@ def test_logits_forms_trace_and_load_the_prior_weights() -> None:
         expected = prior(top, bottom, labels)
         with pytest.warns(torch.jit.TracerWarning):  # the range checks are baked out of the graph
             traced_top = torch.jit.trace(top_form, (top.float(), labels))
+        with pytest.warns(torch.jit.TracerWarning):
             traced_bottom = torch.jit.trace(bottom_form, (bottom.float(), top.float(), labels))
         other_top, other_bottom = random_codes(2, (3, 2), (6, 4), seed=1)
         torch.testing.assert_close(traced_top(top.float(), labels), expected[0])

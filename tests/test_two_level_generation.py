@@ -11,15 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from two_level_stand_in import TinyTwoLevelVQVAE
 
+from bundle.evaluation.generation_report import (
+    _realism_report,
+    generation_report,
+    nll_bits_per_code,
+    vqvae2_feature_maps,
+)
 from bundle.stage1_vqvae.vqvae2 import VQVAE2
 from bundle.stage2_prior.codes import encode_dataset
-from bundle.evaluation.generation_report import _realism_report, generation_report, nll_bits_per_code, vqvae2_feature_maps
 from bundle.stage2_prior.generation import generate, save_samples
 from bundle.stage2_prior.sample_grid import SampleGridWriter
 from bundle.stage2_prior.sampling import sample_codes
 from bundle.stage2_prior.two_level import TwoLevelPrior
+
+from two_level_stand_in import TinyTwoLevelVQVAE
 
 SHAPES = ((4, 2), (8, 4))  # 32 x 16 images
 

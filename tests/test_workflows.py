@@ -20,10 +20,32 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
     out = tmp_path_factory.mktemp("train")
-    common = ["--dataset_dir", phantom_dir, "--output_dir", out / "outputs", "--ckpt_dir", out / "models",
-              "--batch_size", 4, *TINY_NETWORK, *TINY_PRIOR]
-    first = run_bundle("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--max_epochs", 2, *common)
-    second = run_bundle("training", "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json", "--max_epochs", 3, *common)
+    common = [
+        "--dataset_dir",
+        phantom_dir,
+        "--output_dir",
+        out / "outputs",
+        "--ckpt_dir",
+        out / "models",
+        "--batch_size",
+        4,
+        *TINY_NETWORK,
+        *TINY_PRIOR,
+    ]
+    first = run_bundle(
+        "training",
+        "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
+        "--max_epochs",
+        2,
+        *common,
+    )
+    second = run_bundle(
+        "training",
+        "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
+        "--max_epochs",
+        3,
+        *common,
+    )
     return {"out": out, "common": common, "first": first, "second": second}
 
 
@@ -64,14 +86,30 @@ def test_tensorboard_has_losses_metrics_codebook_and_images(trained: dict) -> No
         accumulator.Reload()
         scalars |= set(accumulator.Tags()["scalars"])
         images |= set(accumulator.Tags()["images"])
-    assert {"train_loss", "val_ssim", "val_psnr", "val_mse", "codebook_top_usage", "codebook_bottom_perplexity"} <= scalars
+    assert {
+        "train_loss",
+        "val_ssim",
+        "val_psnr",
+        "val_mse",
+        "codebook_top_usage",
+        "codebook_bottom_perplexity",
+    } <= scalars
     assert any(tag.startswith("input_0") for tag in images) and any(tag.startswith("output") for tag in images)
 
 
 def test_evaluating_writes_metrics_csv_and_grid(trained: dict, phantom_dir: Path) -> None:
     out = trained["out"]
-    run_bundle("evaluating", "configs/inference.json,configs/evaluate.json", "--dataset_dir", phantom_dir, "--output_dir", out / "eval",
-               "--ckpt_dir", out / "models", *TINY_NETWORK)
+    run_bundle(
+        "evaluating",
+        "configs/inference.json,configs/evaluate.json",
+        "--dataset_dir",
+        phantom_dir,
+        "--output_dir",
+        out / "eval",
+        "--ckpt_dir",
+        out / "models",
+        *TINY_NETWORK,
+    )
     summary = json.loads((out / "eval" / "reconstruction_metrics.json").read_text())
     assert summary["n_images"] == 6
     assert -1.0 <= summary["ssim"] <= 1.0 and -1.0 <= summary["ms_ssim"] <= 1.0
@@ -87,13 +125,25 @@ def test_inference_keeps_each_input_geometry(trained: dict, tmp_path: Path) -> N
     inputs = tmp_path / "in"
     inputs.mkdir()
     affine = np.array([[0.0, 1.6, 0, -100.0], [-1.6, 0, 0, 120.0], [0, 0, 2.5, 33.0], [0, 0, 0, 1]])
-    shapes = {"case_900_week_0_slice_1.nii.gz": (256, 128), "case_900_week_0_slice_2.nii.gz": (256, 144),
-              "case_900_week_0_slice_3.nii": (256, 128)}
+    shapes = {
+        "case_900_week_0_slice_1.nii.gz": (256, 128),
+        "case_900_week_0_slice_2.nii.gz": (256, 144),
+        "case_900_week_0_slice_3.nii": (256, 128),
+    }
     for name, shape in shapes.items():
         nib.save(nib.Nifti1Image((rng.random(shape) * 1000).astype(np.float32), affine), inputs / name)
     out = trained["out"]
-    run_bundle("inference", "configs/inference.json", "--input_dir", inputs, "--output_dir", tmp_path / "out",
-               "--ckpt_dir", out / "models", *TINY_NETWORK)
+    run_bundle(
+        "inference",
+        "configs/inference.json",
+        "--input_dir",
+        inputs,
+        "--output_dir",
+        tmp_path / "out",
+        "--ckpt_dir",
+        out / "models",
+        *TINY_NETWORK,
+    )
     for name, shape in shapes.items():
         stem = name.split(".")[0]
         result = nib.load(tmp_path / "out" / f"{stem}_recon.nii.gz")
@@ -113,9 +163,15 @@ def test_a_resumed_run_keeps_the_best_model(tmp_path: Path) -> None:
     def run_once(score: float, resume_best: bool) -> bytes:
         engine = Engine(lambda e, b: None)
         engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_ssim=score))
-        AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": network}, save_key_metric=True,
-                              key_metric_name="val_ssim", key_metric_n_saved=1, key_metric_filename="model.pt",
-                              resume_best=resume_best).attach(engine)
+        AtomicCheckpointSaver(
+            save_dir=str(tmp_path),
+            save_dict={"model": network},
+            save_key_metric=True,
+            key_metric_name="val_ssim",
+            key_metric_n_saved=1,
+            key_metric_filename="model.pt",
+            resume_best=resume_best,
+        ).attach(engine)
         engine.run([0], max_epochs=1)
         return (tmp_path / "model.pt").read_bytes()
 

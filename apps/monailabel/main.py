@@ -79,7 +79,9 @@ class PelvicMRIApp(MONAILabelApp):
         return infers
 
     def init_trainers(self):
-        return {}  # training runs through the bundle's own workflows (configs/train_vqvae.json, configs/train_prior.json)
+        return (
+            {}
+        )  # training runs through the bundle's own workflows (configs/train_vqvae.json, configs/train_prior.json)
 
     def init_datastore(self) -> Datastore:
         """A local studies folder is a :class:`GuardedLocalDatastore`; remote datastores are MONAI Label's."""

@@ -26,10 +26,10 @@ from bundle.stage2_prior.sampling import (
     cached_weights,
     condition_features,
     eval_on,
+    level_generators,
     pick_codes,
     position_logits,
     row_links,
-    level_generators,
 )
 from bundle.stage2_prior.two_level import TwoLevelPrior
 

@@ -263,7 +263,9 @@ def generation_report(
     report.update(_code_histogram_report(prior.num_embeddings, (top, bottom), test_codes))
     report.update(_realism_report(samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed))
     extractor = "VQ-VAE-2 bottom encoder" if features is None else getattr(features, "__qualname__", "features")
-    report["feature_extractor"] = f"FID/KID: {extractor}, per-channel mean and std; precision/recall: VQ-VAE-2 encoder maps pooled on a 4x2 grid"
+    report["feature_extractor"] = (
+        f"FID/KID: {extractor}, per-channel mean and std; precision/recall: VQ-VAE-2 encoder maps pooled on a 4x2 grid"
+    )
     atomic_write_json(output_dir / "generation_metrics.json", report)
     rows = [
         [to_uint8(s[0]) for s in samples[i : i + 4]] + [to_uint8(r[0]) for r in test_images[i : i + 4]]

@@ -47,7 +47,7 @@ def write_like_input(data: dict[str, Any], pred_key: str = "pred", prefix: str =
         The path of a new ``.nii.gz`` file (MONAI Label's ``/infer`` sends it and then deletes it).
     """
     pred = data[pred_key]
-    array = (pred.detach().cpu().float().numpy() if torch.is_tensor(pred) else np.asarray(pred, dtype=np.float32))
+    array = pred.detach().cpu().float().numpy() if torch.is_tensor(pred) else np.asarray(pred, dtype=np.float32)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     shape, affine, header = reference_geometry(data)

@@ -222,7 +222,7 @@ def sampling_command(args: argparse.Namespace, json_path: Path) -> list[str]:
 
     parser = ConfigParser()
     parser.read_config(args.inference_config)
-    height, width = parser.get_parsed_content("latent_shape")
+    height, width = parser.get_parsed_content("latent_shapes")[1]  # the bottom map, the larger one
     sizes = {
         "--channels": "prior_channels",
         "--layers": "prior_layers",

@@ -169,6 +169,8 @@ def test_overlay_only_adds_what_changes_across_processes() -> None:
     assert "$idist.sync()" in overlay["initialize"], "ignite must pick up the process group before rank-0-only queries"
     assert overlay["finalize"][-1] == "$torch.distributed.destroy_process_group()"
     assert overlay["training"] == [
+        "@batch_checks",
+        "@prior_batch_checks",
         "$@train#trainer.run()",
         "$torch.distributed.barrier()",
         "$@prior_train#trainer.run()",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from bundle.engine.io import atomic_write_bytes, to_uint8
+from bundle.engine.io import tile_canvas, to_uint8, write_png
 
 __all__ = ["overlay", "save_rgb_grid"]
 
@@ -48,19 +47,5 @@ def save_rgb_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
         rows: rows of tiles; the tiles of a row share a height once shown.
         gap: black pixels between tiles.
     """
-    from PIL import Image
 
-    shown = [[_rgb(tile) for tile in row] for row in rows]
-    height = sum(max(t.shape[0] for t in row) for row in shown) + gap * (len(shown) - 1)
-    width = max(sum(t.shape[1] for t in row) + gap * (len(row) - 1) for row in shown)
-    canvas = np.zeros((height, width, 3), np.uint8)
-    y = 0
-    for row in shown:
-        x = 0
-        for tile in row:
-            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
-            x += tile.shape[1] + gap
-        y += max(t.shape[0] for t in row) + gap
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    write_png(path, tile_canvas([[_rgb(tile) for tile in row] for row in rows], gap))

@@ -116,24 +116,41 @@ def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int 
     save_grid(path, [tiles[i : i + columns] for i in range(0, len(tiles), columns)])
 
 
-def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> None:
-    """Writes a PNG of uint8 2D tiles arranged in rows (tiles of a row share a height), atomically.
+def tile_canvas(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """uint8 tiles (``[H, W]`` or ``[H, W, C]``, as shown) laid out in rows on a black canvas.
 
-    Tiles are given as stored (axis 0 = left-right for HipMRI) and shown transposed, anterior up.
+    Args:
+        rows: rows of tiles; the tiles of a row share a height, and every tile has the same trailing axes.
+        gap: black pixels between tiles.
+
+    Returns:
+        The canvas, ``[height, width]`` or ``[height, width, C]``.
     """
-    from PIL import Image
-
-    shown = [[np.ascontiguousarray(tile.T) for tile in row] for row in rows]
-    height = sum(max(t.shape[0] for t in row) for row in shown) + gap * (len(shown) - 1)
-    width = max(sum(t.shape[1] for t in row) + gap * (len(row) - 1) for row in shown)
-    canvas = np.zeros((height, width), np.uint8)
+    height = sum(max(t.shape[0] for t in row) for row in rows) + gap * (len(rows) - 1)
+    width = max(sum(t.shape[1] for t in row) + gap * (len(row) - 1) for row in rows)
+    canvas = np.zeros((height, width, *rows[0][0].shape[2:]), np.uint8)
     y = 0
-    for row in shown:
+    for row in rows:
         x = 0
         for tile in row:
             canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
             x += tile.shape[1] + gap
         y += max(t.shape[0] for t in row) + gap
+    return canvas
+
+
+def write_png(path: str | os.PathLike, canvas: np.ndarray) -> None:
+    """Writes a uint8 grey or RGB array as a PNG, atomically."""
+    from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> None:
+    """Writes a PNG of uint8 2D tiles arranged in rows (tiles of a row share a height), atomically.
+
+    Tiles are given as stored (axis 0 = left-right for HipMRI) and shown transposed, anterior up.
+    """
+    write_png(path, tile_canvas([[np.ascontiguousarray(tile.T) for tile in row] for row in rows], gap))

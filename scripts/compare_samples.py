@@ -24,8 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
+from bundle.data.discovery import scan_key  # noqa: E402
 from bundle.engine.weights import load_weights  # noqa: E402
 from bundle.evaluation.generation_report import _realism_report, vqvae2_feature_maps  # noqa: E402
+
+SPLITS = ("test", "train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,12 +51,13 @@ def read_samples(folder: str | Path, num: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths]))[:, None]
 
 
-def real_slices(parser: ConfigParser, split: str, num: int, seed: int) -> torch.Tensor:
-    """``num`` slices of ``split``, drawn with ``seed``, preprocessed as every workflow does."""
+def real_slices(parser: ConfigParser, split: str, num: int, seed: int) -> tuple[torch.Tensor, list[object]]:
+    """``num`` slices of ``split``, drawn with ``seed``, preprocessed as every workflow does, and their scans."""
     items = parser.get_parsed_content("split_datalist")(split)
     transform = parser.get_parsed_content("eval_preprocessing")
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:num]
-    return torch.stack([transform(items[int(i)])["image"] for i in order]).float()
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    images = torch.stack([transform(items[i])["image"] for i in order]).float()
+    return images, [scan_key(items[i]["image"]) or items[i]["image"] for i in order]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.update({"bundle_root": str(ROOT), "dataset_dir": args.dataset_dir, "network_returns_loss": False})
     device = torch.device("cpu")
     vqvae = load_weights(parser.get_parsed_content("network_def"), args.ckpt_path, device)
-    test, train = real_slices(parser, "test", args.num, args.seed), real_slices(parser, "train", args.num, args.seed)
+    (test, test_scans), (train, train_scans) = (real_slices(parser, split, args.num, args.seed) for split in SPLITS)
     results = {}
     with torch.no_grad():
         for folder in args.samples:
             samples = read_samples(folder, args.num)
-            results[folder] = _realism_report(samples, test, train, vqvae2_feature_maps(vqvae), device, args.seed)
+            features = vqvae2_feature_maps(vqvae)
+            results[folder] = _realism_report(
+                samples, test, train, features, device, args.seed, test_scans, train_scans
+            )
     keys = ["c2st_accuracy", "precision", "recall", "density", "coverage"]
     print(f"{'':40s} " + " ".join(f"{k:>14s}" for k in keys))
     first = next(iter(results.values()))

@@ -3,7 +3,7 @@
 With no arguments it writes the demo set where the configs look for data by default, ``<repository>/data/phantom``;
 a complete set with the same settings is left untouched. Example:
     python scripts/make_phantoms.py --out_dir data/phantom --train_cases 20 \
-        --val_cases 3 --test_cases 3 --slices_per_case 16 --seed 0 --figure docs/phantoms.png
+        --val_cases 3 --test_cases 8 --slices_per_case 16 --seed 0 --figure docs/phantoms.png
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out_dir", default=str(demo_data_dir(ROOT)), help="dataset folder (default: %(default)s)")
     parser.add_argument("--train_cases", type=int, default=20)
     parser.add_argument("--val_cases", type=int, default=3)
-    parser.add_argument("--test_cases", type=int, default=3)
+    parser.add_argument("--test_cases", type=int, default=8)
     parser.add_argument("--slices_per_case", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

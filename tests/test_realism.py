@@ -8,6 +8,7 @@ from monai.networks.nets import VQVAE
 
 from bundle.evaluation.realism import (
     MIN_IMAGES_PER_SET,
+    _split_halves,
     classifier_two_sample_test,
     encoder_block_outputs,
     multiscale_pooled_features,
@@ -278,3 +279,30 @@ def test_encoder_block_outputs_on_sequential_and_errors():
         encoder_block_outputs(stack, indices=[2])
     with pytest.raises(ValueError, match="indices"):
         encoder_block_outputs(stack, indices=[])
+
+
+def test_grouped_halves_keep_each_scan_on_one_side():
+    images = torch.arange(40.0).view(40, 1, 1, 1)
+    scans = [i // 5 for i in range(40)]  # 8 scans of 5 slices
+    train, test = _split_halves(images, 30, _gen(1), scans)
+    train_scans = {scans[int(v)] for v in train.flatten()}
+    test_scans = {scans[int(v)] for v in test.flatten()}
+    assert len(train) == 15 and len(test) == 15
+    assert len(train_scans & test_scans) <= 1  # only the scan at the cut may straddle it
+    ungrouped = _split_halves(images, 30, _gen(1))
+    assert len({scans[int(v)] for v in ungrouped[0].flatten()} & {scans[int(v)] for v in ungrouped[1].flatten()}) > 1
+    with pytest.raises(ValueError, match="3 group labels for 40 images"):
+        _split_halves(images, 30, _gen(1), [0, 1, 2])
+
+
+def test_c2st_with_scan_groups_does_not_score_scan_recognition():
+    """Real slices come in scans of near-copies; generated ones are fresh draws of the same process. Split by
+    slice, the classifier recognises held-out slices of scans it has seen; split by scan, it cannot."""
+    scans = _blobs(8, seed=20)
+    real = scans.repeat_interleave(6, 0) + 0.01 * torch.rand(48, 1, 32, 16, generator=_gen(21))
+    generated = _blobs(48, seed=22)
+    groups = [i // 6 for i in range(48)]
+    by_slice = classifier_two_sample_test(generated, real, seed=0, downsample=1)
+    by_scan = classifier_two_sample_test(generated, real, seed=0, downsample=1, real_groups=groups)
+    assert by_slice["accuracy"] >= 0.75
+    assert by_scan["accuracy"] <= by_slice["accuracy"] - 0.15

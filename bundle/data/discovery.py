@@ -73,8 +73,12 @@ def slice_index(path: str | os.PathLike) -> int | None:
     return int(match.group(3)) if match else None
 
 
-def _volume_key(path: str | os.PathLike) -> tuple[str, str, str] | None:
-    """(folder, case, week) of a HipMRI slice name: the slices of one scan share it. None for other names."""
+def scan_key(path: str | os.PathLike) -> tuple[str, str, str] | None:
+    """(folder, case, week) of a HipMRI slice name: the slices of one scan share it. None for other names.
+
+    Args:
+        path: a slice's file path or name.
+    """
     match = SLICE_PATTERN.search(Path(path).name)
     return (str(Path(path).parent), match.group(1), match.group(2)) if match else None
 
@@ -164,7 +168,7 @@ def slice_position_label(position: int, top: int, num_classes: int) -> int:
 def _add_labels(items: list[dict], num_classes: int, max_slice: int) -> None:
     tops: dict[tuple[str, str, str], int] = {}
     for item in items:
-        key = _volume_key(item["image"])
+        key = scan_key(item["image"])
         if key is not None:
             tops[key] = max(tops.get(key, 0), slice_index(item["image"]))
     for item in items:
@@ -172,7 +176,7 @@ def _add_labels(items: list[dict], num_classes: int, max_slice: int) -> None:
         if "label" in item:
             item["label"] = int(item["label"])
         elif position is not None:
-            top = max_slice or tops[_volume_key(item["image"])]
+            top = max_slice or tops[scan_key(item["image"])]
             item["label"] = slice_position_label(position, top, num_classes)
         else:
             raise ValueError(

@@ -814,7 +814,7 @@ def write_hipmri_phantoms(
     out_dir: str | os.PathLike,
     train_cases: int = 20,
     val_cases: int = 3,
-    test_cases: int = 3,
+    test_cases: int = 8,
     slices_per_case: int = 16,
     seed: int = 0,
     trailing_axis_every: int = 0,

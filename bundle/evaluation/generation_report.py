@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from bundle.data.discovery import scan_key
 from bundle.engine.io import atomic_write_json, save_grid, to_uint8
 from bundle.evaluation import metrics, realism
 from bundle.stage2_prior.generation import generate
@@ -39,6 +40,23 @@ def _load_images(dataset: Dataset, *index_lists: list[int]) -> list[torch.Tensor
     loaded = torch.cat([batch["image"].float() for batch in DataLoader(subset, batch_size=32, num_workers=0)])
     position = {index: k for k, index in enumerate(needed)}
     return [loaded[[position[i] for i in indices]] for indices in index_lists]
+
+
+def scan_groups(dataset: Dataset, indices: Sequence[int]) -> list[object] | None:
+    """The scan of each slice at ``indices`` (HipMRI names), else its file, so the realism test keeps scans whole.
+
+    Args:
+        dataset: a MONAI ``Dataset`` whose ``data`` items hold the ``"image"`` file.
+        indices: positions in ``dataset``.
+
+    Returns:
+        One label per index, or None when the dataset does not say where its items come from.
+    """
+    data = getattr(dataset, "data", None)
+    if data is None:
+        return None
+    files = [str(data[i].get("image", i)) if isinstance(data[i], dict) else str(i) for i in indices]
+    return [scan_key(f) or f for f in files]
 
 
 @torch.no_grad()
@@ -165,6 +183,8 @@ def _realism_report(
     feature_maps: Callable[[torch.Tensor], list[torch.Tensor]],
     device: torch.device,
     seed: int,
+    test_groups: Sequence[object] | None = None,
+    train_groups: Sequence[object] | None = None,
 ) -> dict[str, Any]:
     """Classifier two-sample test and precision/recall of samples against test slices, beside train vs test.
 
@@ -175,6 +195,9 @@ def _realism_report(
         feature_maps: images -> list of feature maps, pooled by :func:`realism.multiscale_pooled_features`.
         device: where ``feature_maps`` runs.
         seed: the report's seed.
+        test_groups: the scan of each test slice (:func:`scan_groups`), so the two-sample test's halves hold
+            different scans; None treats slices as independent.
+        train_groups: the same for ``train_images``.
 
     Returns:
         ``c2st_accuracy`` (0.5: indistinguishable), ``precision``, ``recall``, ``density``, ``coverage``, each
@@ -186,8 +209,10 @@ def _realism_report(
         logger.warning(f"Realism measures skipped: {reason}.")
         return {"realism_skipped": reason}
     report: dict[str, Any] = {}
-    for name, images in (("", samples), ("_real_baseline", train_images)):
-        c2st = realism.classifier_two_sample_test(images, test_images, seed=seed)
+    for name, images, groups in (("", samples, None), ("_real_baseline", train_images, train_groups)):
+        c2st = realism.classifier_two_sample_test(
+            images, test_images, seed=seed, generated_groups=groups, real_groups=test_groups
+        )
         report[f"c2st_accuracy{name}"] = c2st["accuracy"]
         report[f"c2st_p_value{name}"] = c2st["p_value"]
     gen, test, train = (
@@ -245,14 +270,15 @@ def generation_report(
     output_dir = Path(output_dir)
     prior = getattr(prior, "module", prior)
     samples, top, bottom = generate(vqvae, prior, num_samples, temperature, seed, latent_shapes=latent_shapes)
-    (test_images,) = _load_images(test_dataset, _subset_indices(len(test_dataset), num_samples, seed))
+    test_indices = _subset_indices(len(test_dataset), num_samples, seed)
+    train_indices = _subset_indices(len(train_dataset), num_samples, seed + 1)
+    (test_images,) = _load_images(test_dataset, test_indices)
     # The FID subset and the memorisation references often overlap (all of the training set by default): one read.
     train_images, references = _load_images(
-        train_dataset,
-        _subset_indices(len(train_dataset), num_samples, seed + 1),
-        _subset_indices(len(train_dataset), num_memorisation_references, seed + 2),
+        train_dataset, train_indices, _subset_indices(len(train_dataset), num_memorisation_references, seed + 2)
     )
     n = min(len(samples), len(test_images), len(train_images))
+    groups = (scan_groups(test_dataset, test_indices[:n]), scan_groups(train_dataset, train_indices[:n]))
     samples, test_images, train_images = samples[:n], test_images[:n], train_images[:n]
     feature_fn = features if features is not None else (lambda images: vqvae.encode(images)[1])
     device = next(vqvae.parameters()).device
@@ -261,7 +287,9 @@ def generation_report(
     report.update(_fidelity_report(feature_fn, samples, test_images, train_images, device, seed))
     report.update(_diversity_memorisation_report(samples, test_images, references, seed))
     report.update(_code_histogram_report(prior.num_embeddings, (top, bottom), test_codes))
-    report.update(_realism_report(samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed))
+    report.update(
+        _realism_report(samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed, *groups)
+    )
     extractor = "VQ-VAE-2 bottom encoder" if features is None else getattr(features, "__qualname__", "features")
     report["feature_extractor"] = (
         f"FID/KID: {extractor}, per-channel mean and std; precision/recall: VQ-VAE-2 encoder maps pooled on a 4x2 grid"

@@ -70,19 +70,34 @@ def _check_image_pair(generated: Tensor, real: Tensor) -> int:
     return n
 
 
-def _split_halves(images: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _split_halves(
+    images: Tensor, n: int, generator: torch.Generator, groups: Sequence[object] | None = None
+) -> tuple[Tensor, Tensor]:
     """A seeded random choice of ``n`` images, split into a training half and a test half.
+
+    With ``groups`` (for example the scan each slice comes from), the chosen images are ordered group by group
+    before the cut, so slices of one scan fall in the same half (all but at most the one group at the cut).
+    Otherwise a classifier could learn a scan from some of its slices and recognise the rest, which says nothing
+    about the two distributions.
 
     Args:
         images: ``[N, C, H, W]`` images with ``N >= n``.
         n: number of images to use.
         generator: private generator that picks and orders the images.
+        groups: ``N`` hashable group labels, or None when every image is independent.
 
     Returns:
         ``(train, test)`` with ``n // 2`` and ``n - n // 2`` images.
     """
-    chosen = images[torch.randperm(images.shape[0], generator=generator)[:n].to(images.device)]
-    return chosen[: n // 2], chosen[n // 2 :]
+    chosen = torch.randperm(images.shape[0], generator=generator)[:n].tolist()
+    if groups is not None:
+        if len(groups) != images.shape[0]:
+            raise ValueError(f"{len(groups)} group labels for {images.shape[0]} images.")
+        names = list(dict.fromkeys(groups[i] for i in chosen))  # in order of first appearance, itself random
+        rank = {name: r for r, name in enumerate(names)}
+        chosen.sort(key=lambda i: rank[groups[i]])  # stable: the random order stays within a group
+    picked = images[torch.tensor(chosen, device=images.device)]
+    return picked[: n // 2], picked[n // 2 :]
 
 
 def _build_classifier(in_shape: tuple[int, ...], channels: Sequence[int]) -> nn.Module:
@@ -160,6 +175,8 @@ def classifier_two_sample_test(
     channels: Sequence[int] = (8, 16, 32, 32),
     batch_size: int = 16,
     learning_rate: float = 1e-3,
+    generated_groups: Sequence[object] | None = None,
+    real_groups: Sequence[object] | None = None,
 ) -> dict[str, float | int]:
     """Classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017): can a small CNN tell generated from real slices?
 
@@ -192,6 +209,10 @@ def classifier_two_sample_test(
         channels: output channels of the strided convolutions; each halves the spatial size.
         batch_size: training images per Adam step.
         learning_rate: Adam learning rate.
+        generated_groups: scan of each generated image, or None when they are independent (samples are).
+        real_groups: scan of each real image (slices of one scan are not independent), or None. With groups, the
+            training and held-out halves hold different scans, so the accuracy measures the distributions rather
+            than how well the classifier recognises scans it has seen.
 
     Returns:
         Dict with
@@ -214,8 +235,8 @@ def classifier_two_sample_test(
 
     device = generated.device
     generator = torch.Generator().manual_seed(seed)
-    gen_train, gen_test = _split_halves(generated.detach().float(), n, generator)
-    real_train, real_test = _split_halves(real.detach().float().to(device), n, generator)
+    gen_train, gen_test = _split_halves(generated.detach().float(), n, generator, generated_groups)
+    real_train, real_test = _split_halves(real.detach().float().to(device), n, generator, real_groups)
 
     train = F.avg_pool2d(torch.cat([gen_train, real_train]), downsample)
     test = F.avg_pool2d(torch.cat([gen_test, real_test]), downsample)

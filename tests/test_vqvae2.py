@@ -262,3 +262,23 @@ def test_monitor_restarts_dead_codes_and_reports_each_level() -> None:
         # every code unused within a restart window (iterations 7-9, 10-12) was restarted
         unused = [size - torch.unique(torch.cat(window)).numel() for window in (last_epoch[:3], last_epoch[3:])]
         assert metrics[f"codebook_{level}_restarted"] == sum(unused) > 0
+
+
+def test_top_thumbnail_loss_is_added_with_its_weight_and_trains_the_top_level() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 64, 32)
+    plain, weighted = _tiny().eval(), _tiny(top_reconstruction_weight=2.0).eval()  # eval: the codebooks stay put
+    weighted.load_state_dict(plain.state_dict())
+    _, plain_loss = plain(x)
+    reconstruction, weighted_loss = weighted(x)
+    top_quantized = weighted.quantize_top(weighted.encode(x)[0])[0]
+    thumbnail = weighted.top_head(weighted.top_upsampler(top_quantized))
+    expected = torch.mean(torch.abs(thumbnail - torch.nn.functional.avg_pool2d(x, 4)))
+    assert thumbnail.shape == (2, 1, 16, 8)
+    torch.testing.assert_close(weighted_loss - plain_loss, 2.0 * expected)
+    torch.testing.assert_close(reconstruction, plain(x)[0])  # the reconstruction itself is unchanged
+    weighted_loss.backward()
+    assert weighted.top_head.conv.weight.grad.abs().sum() > 0
+    assert weighted.top_encoder.blocks[0].conv.weight.grad.abs().sum() > 0
+    plain_loss.backward()
+    assert plain.top_head.conv.weight.grad is None

@@ -6,9 +6,14 @@ Layout (2D, the default sizes for a 256 x 128 slice)::
                            │                                                          │
                            └─ concat(h_b, top_decoder(q_t)) ──bottom_projection──► z_b ──bottom_quantizer──► q_b
     reconstruction = decoder(concat(q_b, top_upsampler(q_t)))
+    training only: thumbnail = top_head(top_upsampler(q_t)), L1 against the image average-pooled to 1/4
 
-The top codes hold the global layout, the bottom codes the local detail conditioned on it. Order is always
-(top, bottom).
+The top codes should hold the global layout and the bottom codes the detail, but nothing in the plain model makes
+them: with 256 bottom codes at 1/4 the bottom map alone can carry the whole slice, and on the phantoms the decoder
+learned to ignore the top codes (a slice decoded from another slice's top codes and its own bottom codes was that
+slice unchanged), so samples got a body outline and no organs. The auxiliary thumbnail loss makes the top codes
+predict a 1/4-resolution copy of the slice, i.e. carry its layout; the bottom prior, conditioned on them, then places
+the detail. Order is always (top, bottom).
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ class VQVAE2(nn.Module):
         act: activation type and arguments.
         output_act: activation of the reconstruction (None: linear).
         ddp_sync: sum the EMA statistics over ranks when a process group is initialised.
+        top_reconstruction_weight: weight of the auxiliary loss (added to the quantisation loss ``forward``
+            returns) that makes the top codes predict the image average-pooled to the bottom map's size; 0 turns
+            it off. Not used at inference.
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class VQVAE2(nn.Module):
         act: tuple | str | None = Act.RELU,
         output_act: tuple | str | None = None,
         ddp_sync: bool = True,
+        top_reconstruction_weight: float = 0.0,
     ) -> None:
         super().__init__()
         res_channels = ensure_tuple_rep(num_res_channels, len(channels))
@@ -127,6 +136,9 @@ class VQVAE2(nn.Module):
             spatial_dims, channels[-1] + embedding_dim, embedding_dim, kernel_size=1, conv_only=True
         )
         self.top_upsampler = _upsampler(spatial_dims, embedding_dim, top_levels, act)
+        self.top_reconstruction_weight = float(top_reconstruction_weight)
+        self.top_head = Convolution(spatial_dims, embedding_dim, out_channels, kernel_size=3, conv_only=True)
+        self.thumbnail = (nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d)(self.bottom_factor)
         self.decoder = Decoder(
             in_channels=2 * embedding_dim,
             out_channels=out_channels,
@@ -220,10 +232,19 @@ class VQVAE2(nn.Module):
         reconstruction equals ``decode_samples(*index_quantize(images))``.
         """
         (top_quantized, bottom_quantized), loss, _ = self._quantize_levels(images)
-        reconstruction = self.decode(top_quantized, bottom_quantized)
-        if self.return_loss:
-            return reconstruction, loss
-        return reconstruction
+        top_features = self.top_upsampler(top_quantized)
+        reconstruction = self.decoder(torch.cat([bottom_quantized, top_features], 1))
+        if not self.return_loss:
+            return reconstruction
+        if self.top_reconstruction_weight > 0:
+            loss = loss + self.top_reconstruction_weight * self.top_thumbnail_loss(top_features, images)
+        return reconstruction, loss
+
+    def top_thumbnail_loss(self, top_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Mean absolute error of the thumbnail predicted from the upsampled top code vectors against ``images``
+        average-pooled to the bottom map's size."""
+        thumbnail = self.top_head(top_features)
+        return torch.mean(torch.abs(thumbnail.float() - self.thumbnail(images).float()))
 
 
 def _upsampler(spatial_dims: int, channels: int, steps: int, act: tuple | str | None) -> nn.Sequential:

@@ -24,28 +24,11 @@ from bundle.stage2_prior.sampling import pick_codes, sample_fast
 from bundle.stage2_prior.two_level import TwoLevelPrior
 
 from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
-from two_level_stand_in import TinyTwoLevelVQVAE
-
-SHAPES = ((4, 2), (8, 4))  # the stand-in VQ-VAE's code maps of 32 x 16 images
+from two_level_stand_in import SHAPES, TinyTwoLevelVQVAE, tiny_prior
 
 
 def make_prior(num_classes: int = 0) -> TwoLevelPrior:
-    torch.manual_seed(0)
-    prior = TwoLevelPrior(
-        (6, 10),
-        channels=8,
-        num_layers=(3, 2),
-        kernel_size=3,
-        head_channels=16,
-        cond_channels=6,
-        cond_blocks=1,
-        num_classes=num_classes,
-        latent_shapes=SHAPES,
-    )
-    with torch.no_grad():  # peaked distributions, so that likelihoods differ from code to code
-        for level in (prior.top, prior.bottom):
-            level.head[3].weight.mul_(10.0)
-    return prior.eval()
+    return tiny_prior(num_classes).eval()
 
 
 def random_codes(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,25 +11,12 @@ import torch
 from bundle.stage2_prior.generation import generate, sample_to_files, save_samples
 from bundle.stage2_prior.two_level import TwoLevelPrior
 
-from two_level_stand_in import TinyTwoLevelVQVAE
-
-SHAPES = ((4, 2), (8, 4))  # 32 x 16 images
+from two_level_stand_in import TinyTwoLevelVQVAE, tiny_prior
 
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[TinyTwoLevelVQVAE, TwoLevelPrior]:
-    torch.manual_seed(0)
-    prior = TwoLevelPrior(
-        (6, 10),
-        channels=8,
-        num_layers=(3, 2),
-        kernel_size=3,
-        head_channels=16,
-        cond_channels=6,
-        cond_blocks=1,
-        latent_shapes=SHAPES,
-    )
-    return TinyTwoLevelVQVAE().eval(), prior.eval()
+    return TinyTwoLevelVQVAE().eval(), tiny_prior(head_scales=(1.0, 1.0)).eval()
 
 
 @pytest.mark.parametrize(

@@ -18,26 +18,12 @@ from bundle.stage2_prior.export import BottomPriorLogits, TopPriorLogits
 from bundle.stage2_prior.sampling import level_generators, sample_codes, sample_fast, sample_naive
 from bundle.stage2_prior.two_level import NLLBits, TwoLevelCrossEntropy, TwoLevelPrior, prepare_code_batch
 
+from two_level_stand_in import tiny_prior
+
 
 def make_prior(num_classes: int = 0, dtype: torch.dtype = torch.float64, sharpen: bool = True) -> TwoLevelPrior:
     """A tiny prior; ``sharpen`` scales the heads up so that a wrong context shows in the samples."""
-    torch.manual_seed(0)
-    prior = TwoLevelPrior(
-        (6, 10),
-        channels=8,
-        num_layers=(3, 2),
-        kernel_size=3,
-        head_channels=16,
-        cond_channels=6,
-        cond_blocks=1,
-        num_classes=num_classes,
-    )
-    if sharpen:
-        with torch.no_grad():
-            for level in (prior.top, prior.bottom):
-                level.head[1].weight.mul_(4.0)
-                level.head[3].weight.mul_(10.0)
-    return prior.to(dtype)
+    return tiny_prior(num_classes, None, (4.0, 10.0) if sharpen else (1.0, 1.0)).to(dtype)
 
 
 def random_codes(n: int, top_shape: tuple, bottom_shape: tuple, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,29 +25,13 @@ from bundle.stage2_prior.sample_grid import SampleGridWriter
 from bundle.stage2_prior.sampling import sample_codes
 from bundle.stage2_prior.two_level import TwoLevelPrior
 
-from two_level_stand_in import TinyTwoLevelVQVAE
-
-SHAPES = ((4, 2), (8, 4))  # 32 x 16 images
+from two_level_stand_in import SHAPES, TinyTwoLevelVQVAE, tiny_prior
 
 
 def make_pair(num_classes: int = 0, latent_shapes: tuple | None = SHAPES) -> tuple[TinyTwoLevelVQVAE, TwoLevelPrior]:
     torch.manual_seed(0)
     vqvae = TinyTwoLevelVQVAE().eval()
-    prior = TwoLevelPrior(
-        (6, 10),
-        channels=8,
-        num_layers=(3, 2),
-        kernel_size=3,
-        head_channels=16,
-        cond_channels=6,
-        cond_blocks=1,
-        num_classes=num_classes,
-        latent_shapes=latent_shapes,
-    )
-    with torch.no_grad():
-        for level in (prior.top, prior.bottom):
-            level.head[3].weight.mul_(10.0)
-    return vqvae, prior
+    return vqvae, tiny_prior(num_classes, latent_shapes)
 
 
 class _Images(torch.utils.data.Dataset):

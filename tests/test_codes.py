@@ -112,3 +112,18 @@ def test_code_dataset() -> None:
     assert sorted(unlabelled[0]) == ["bottom", "top"]
     with pytest.raises(ValueError, match="same number"):
         CodeDataset(encoded | {"bottom": encoded["bottom"][:3]})
+
+
+def test_code_dataset_keeps_only_its_indices() -> None:
+    """A distributed rank's shard: only those items, in that order, with their files."""
+    encoded = {
+        "top": torch.arange(5, dtype=torch.int16).view(5, 1, 1).expand(5, 4, 2).clone(),
+        "bottom": torch.arange(5, dtype=torch.int16).view(5, 1, 1).expand(5, 8, 4).clone(),
+        "labels": torch.tensor([0, 1, 2, 0, 1]),
+        "files": [f"f{i}.nii.gz" for i in range(5)],
+    }
+    shard = CodeDataset(encoded, indices=[3, 0, 4])
+    assert len(shard) == 3 and shard.files == ["f3.nii.gz", "f0.nii.gz", "f4.nii.gz"]
+    assert [int(shard[i]["top"][0, 0]) for i in range(3)] == [3, 0, 4]
+    assert [int(shard[i]["label"]) for i in range(3)] == [0, 0, 1]
+    assert CodeDataset(encoded).files == encoded["files"]

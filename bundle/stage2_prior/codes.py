@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def encode_dataset(
 
     The cache is keyed by the VQ-VAE weights' digest and the list of files, so retraining the VQ-VAE or changing
     the data re-encodes; anything else reuses it. In a distributed run rank 0 encodes and the others load its
-    file, so every rank trains the prior on the same codes.
+    file, so every rank holds the same codes (each then trains on its shard: :class:`CodeDataset`'s ``indices``).
 
     Args:
         vqvae: the frozen two-level VQ-VAE, in eval mode (in train mode ``index_quantize`` would update the
@@ -120,12 +121,24 @@ class CodeDataset(Dataset):
 
     Args:
         encoded: the dict returned by :func:`encode_dataset`.
+        indices: keep only these items, in this order (a copy of them), e.g. this process's shard of the
+            training set in a distributed run; None keeps all.
+
+    Attributes:
+        files: the image file each item was encoded from (empty when ``encoded`` names none).
     """
 
-    def __init__(self, encoded: dict[str, Any]) -> None:
+    def __init__(self, encoded: dict[str, Any], indices: Sequence[int] | None = None) -> None:
         self.top, self.bottom, self.labels = encoded["top"], encoded["bottom"], encoded["labels"]
         if len(self.top) != len(self.bottom) or (len(self.labels) and len(self.labels) != len(self.top)):
             raise ValueError("top, bottom and (non-empty) labels must hold the same number of items.")
+        files = list(encoded.get("files", []))
+        self.files = files if len(files) == len(self.top) else []
+        if indices is not None:
+            index = torch.as_tensor(list(indices), dtype=torch.long)
+            self.top, self.bottom = self.top[index], self.bottom[index]
+            self.labels = self.labels[index] if len(self.labels) else self.labels
+            self.files = [self.files[i] for i in index.tolist()] if self.files else []
 
     def __len__(self) -> int:
         return len(self.top)

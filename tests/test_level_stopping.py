@@ -1,0 +1,65 @@
+"""Early stopping per level of the two-level prior (bundle/stage2_prior/level_stopping.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from bundle.stage2_prior.level_stopping import LevelEarlyStopping, level_param_groups
+
+from two_level_stand_in import SHAPES, tiny_prior
+
+
+def _validate(handler: LevelEarlyStopping, top: float, bottom: float) -> None:
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.state.metrics = {"val_nll_bits_top": top, "val_nll_bits_bottom": bottom}
+    handler(evaluator)
+
+
+def _train_step(prior, optimizer) -> None:
+    generator = torch.Generator().manual_seed(0)
+    top = torch.randint(0, 6, (4, *SHAPES[0]), generator=generator)
+    bottom = torch.randint(0, 10, (4, *SHAPES[1]), generator=generator)
+    top_logits, bottom_logits = prior(top, bottom)
+    loss = torch.nn.functional.cross_entropy(top_logits, top) + torch.nn.functional.cross_entropy(bottom_logits, bottom)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_a_level_that_stops_improving_gets_its_best_weights_back_and_stops_training() -> None:
+    prior = tiny_prior()
+    optimizer = torch.optim.Adam(level_param_groups(prior), lr=1e-2, fused=True)  # as configs/train_prior.json
+    handler = LevelEarlyStopping(prior, optimizer, patience=2)
+    _validate(handler, top=3.0, bottom=5.0)  # epoch 1: the best top so far
+    best_top = _weights(prior.top)
+    _train_step(prior, optimizer)
+    _validate(handler, top=3.2, bottom=4.0)  # top worse once: waits
+    assert not handler.stopped("top")
+    _train_step(prior, optimizer)
+    assert any(not torch.equal(best_top[k], v) for k, v in prior.top.state_dict().items())  # premise: it moved
+    _validate(handler, top=3.4, bottom=3.5)  # top worse twice: back to its best and frozen
+    assert handler.stopped("top") and not handler.stopped("bottom")
+    for key, value in prior.top.state_dict().items():
+        assert torch.equal(value, best_top[key]), key
+    bottom_before = _weights(prior.bottom)
+    _train_step(prior, optimizer)
+    for key, value in prior.top.state_dict().items():
+        assert torch.equal(value, best_top[key]), f"{key} changed after the top prior stopped"
+    assert any(not torch.equal(bottom_before[k], v) for k, v in prior.bottom.state_dict().items())
+
+
+def test_the_optimizer_must_have_a_group_per_level() -> None:
+    prior = tiny_prior()
+    groups = level_param_groups(prior)
+    assert [g["name"] for g in groups] == ["top", "bottom"]
+    assert sum(len(g["params"]) for g in groups) == len(list(prior.parameters()))
+    with pytest.raises(ValueError, match="no parameter group named"):
+        LevelEarlyStopping(prior, torch.optim.Adam(prior.parameters()))
+    with pytest.raises(ValueError, match="patience"):
+        LevelEarlyStopping(prior, torch.optim.Adam(groups), patience=0)

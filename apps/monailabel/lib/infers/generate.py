@@ -63,7 +63,7 @@ class GenerateInfer(BasicInferTask):
     """Samples one slice from the prior (``bundle.stage2_prior.generation.generate``), padded or cropped to the request
     image's size (as ``Invertd`` does for a reconstruction) and written with its affine.
 
-    Request params: ``temperature`` (float, default 1.0), ``seed`` (int; -1 or absent: a fresh random seed,
+    Request params: ``temperature`` (float, default 0.6, as ``configs/sample.json``), ``seed`` (int; -1 or absent: a fresh random seed,
     reported back in the result), ``label`` (class of a conditioned prior; -1 or absent: class 0; ignored
     when the prior has no classes).
     Weights: ``<bundle>/models/model.pt`` and ``<bundle>/models/prior/prior.pt``, loaded strictly.
@@ -79,7 +79,7 @@ class GenerateInfer(BasicInferTask):
         self.num_classes = int(parser.get_parsed_content("num_classes"))
         self.vqvae_path = parser.get_parsed_content("ckpt_path")
         self.prior_path = parser.get_parsed_content("prior_ckpt_path")
-        config: dict[str, Any] = {"temperature": 1.0, "seed": -1}
+        config: dict[str, Any] = {"temperature": 0.6, "seed": -1}
         if self.num_classes:
             config["label"] = -1
         super().__init__(

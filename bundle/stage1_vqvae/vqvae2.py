@@ -212,7 +212,11 @@ class VQVAE2(nn.Module):
 
     def decode(self, top_quantized: torch.Tensor, bottom_quantized: torch.Tensor) -> torch.Tensor:
         """Images from the code vectors of both levels."""
-        return self.decoder(torch.cat([bottom_quantized, self.top_upsampler(top_quantized)], 1))
+        return self._decode_upsampled(self.top_upsampler(top_quantized), bottom_quantized)
+
+    def _decode_upsampled(self, top_features: torch.Tensor, bottom_quantized: torch.Tensor) -> torch.Tensor:
+        """Images from the top code vectors upsampled to the bottom map and the bottom code vectors."""
+        return self.decoder(torch.cat([bottom_quantized, top_features], 1))
 
     @torch.jit.export
     def index_quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +237,7 @@ class VQVAE2(nn.Module):
         """
         (top_quantized, bottom_quantized), loss, _ = self._quantize_levels(images)
         top_features = self.top_upsampler(top_quantized)
-        reconstruction = self.decoder(torch.cat([bottom_quantized, top_features], 1))
+        reconstruction = self._decode_upsampled(top_features, bottom_quantized)
         if not self.return_loss:
             return reconstruction
         if self.top_reconstruction_weight > 0:

@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     (test, test_scans), (train, train_scans) = (real_slices(parser, split, args.num, args.seed) for split in SPLITS)
     results = {}
     with torch.no_grad():
+        features = vqvae2_feature_maps(vqvae)
         for folder in args.samples:
             samples = read_samples(folder, args.num)
-            features = vqvae2_feature_maps(vqvae)
             results[folder] = _realism_report(
                 samples, test, train, features, device, args.seed, test_scans, train_scans
             )

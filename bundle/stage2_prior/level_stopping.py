@@ -23,10 +23,6 @@ logger = logging.getLogger(__name__)
 LEVEL_METRICS = {"top": "val_nll_bits_top", "bottom": "val_nll_bits_bottom"}
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return getattr(network, "module", network)
-
-
 def level_param_groups(network: nn.Module) -> list[dict]:
     """The prior's parameters as one optimizer group per level, named ``"top"`` and ``"bottom"``.
 
@@ -36,7 +32,7 @@ def level_param_groups(network: nn.Module) -> list[dict]:
     Returns:
         ``[{"params": [...], "name": "top"}, {"params": [...], "name": "bottom"}]``.
     """
-    prior = _unwrap(network)
+    prior = getattr(network, "module", network)
     return [{"params": list(getattr(prior, level).parameters()), "name": level} for level in LEVEL_METRICS]
 
 
@@ -82,7 +78,7 @@ class LevelEarlyStopping:
         return self.groups[level]["lr"] == 0
 
     def __call__(self, evaluator: Engine) -> None:
-        prior = _unwrap(self.network)
+        prior = getattr(self.network, "module", self.network)
         for level, name in self.metrics.items():
             value = float(evaluator.state.metrics[name])
             module = getattr(prior, level)

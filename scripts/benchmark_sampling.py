@@ -15,7 +15,9 @@ full code map (``latent_shapes``), with a batch of ``--num_samples`` maps:
 * naive sampling, run to the end when its estimate (forward pass x positions) is within ``--naive_budget_s``;
   otherwise run on the first ``--naive_positions`` positions and EXTRAPOLATED to the whole map (every naive step
   is a full forward pass of the same size): median step time x positions;
-* ``torch.equal`` of the naive codes and the fast codes on every position naive sampled.
+* ``torch.equal`` of the naive codes and the fast codes on every position naive sampled;
+* on CUDA, fast sampling without CUDA graphs as well (``fast_eager``): what replaying each row as a graph saves,
+  and ``torch.equal`` of both.
 
 The bottom level is conditioned on the top codes the fast sampler drew, for both samplers. Then:
 
@@ -45,7 +47,7 @@ import torch  # noqa: E402
 
 from bundle.stage2_prior.generation import generate  # noqa: E402
 from bundle.stage2_prior.pixelcnn import GatedPixelCNN  # noqa: E402
-from bundle.stage2_prior.sampling import sample_codes, sample_fast, sample_naive  # noqa: E402
+from bundle.stage2_prior.sampling import sample_codes, sample_fast, sample_fast_eager, sample_naive  # noqa: E402
 
 LEVELS = ("top", "bottom")
 
@@ -161,6 +163,14 @@ def compare_level(
     step_s = statistics.median(steps) if steps else naive_run_s / measured
     naive_s = naive_run_s if run_to_end else step_s * positions
     equal = torch.equal(naive.view(num_samples, -1)[:, :measured], fast.view(num_samples, -1)[:, :measured])
+    graphs = {}
+    if device.type == "cuda":  # elsewhere "fast" is the eager pass
+        eager_s, eager = timed(lambda: sample(sample_fast_eager), device, repeats)
+        graphs = {
+            "fast_eager_s": eager_s,
+            "graph_speedup": eager_s / fast_s,
+            "graph_equals_eager": torch.equal(fast, eager),
+        }
     figures = {
         "shape": [height, width],
         "num_samples": num_samples,
@@ -175,6 +185,7 @@ def compare_level(
         "naive_s_per_position_median": step_s,
         "speedup": naive_s / fast_s,
         "fast_equals_naive": equal,
+        **graphs,
     }
     return figures, fast
 
@@ -327,6 +338,12 @@ def print_report(report: dict) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for level, v in report["levels"].items():
+        if "fast_eager_s" in v:
+            print(
+                f"{level}: fast without CUDA graphs {v['fast_eager_s']:.3f} s, with {v['fast_s']:.3f} s "
+                f"({v['graph_speedup']:.1f}x), codes equal {v['graph_equals_eager']}"
+            )
     g, s = report["generate"], report["small"]
     print(
         f"two levels: naive {report['naive_codes_s']:.1f} s, fast {report['fast_codes_s']:.2f} s "

@@ -7,7 +7,8 @@ Steps, in order (a step that no longer fits in ``--budget_s`` is recorded as ski
 3. both training stages, a few epochs each, through ``python -m monai.bundle run``: amp "auto", fp16, a 1-GPU
    ``torchrun`` DDP run, and compiled;
 4. inference latency of the reconstruction network (fp32, and amp "auto" with channels-last);
-5. naive vs fast (cached) sampling of the prior, through ``scripts/benchmark_sampling.py``.
+5. naive vs fast (cached) sampling of the prior, the fast one with and without CUDA graphs, through
+   ``scripts/benchmark_sampling.py``.
 
 Each result holds the exit status, the seconds taken, the log's tail on failure and what the log says (epoch
 times, validation metrics, GradScaler skips, compile fall-backs). Run it through ``scripts/gpu_check.sh``.
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import platform
@@ -47,7 +51,7 @@ STEP_LIMITS_S = {
     "train_fp16": 90,
     "ddp_1gpu": 100,
     "inference_latency": 60,
-    "sampling": 90,
+    "sampling": 120,
     "train_compile": 180,
 }
 MIN_STEP_S = 20
@@ -217,38 +221,33 @@ def best_time(function: Callable[[], object], device: torch.device, repeats: int
 
 
 def sampling_command(args: argparse.Namespace, json_path: Path) -> list[str]:
-    """``scripts/benchmark_sampling.py`` at the configured prior's size, naive sampling timed over the whole map."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(args.inference_config)
-    height, width = parser.get_parsed_content("latent_shapes")[1]  # the bottom map, the larger one
-    sizes = {
-        "--channels": "prior_channels",
-        "--layers": "prior_layers",
-        "--kernel_size": "prior_kernel_size",
-        "--num_embeddings": "num_embeddings",
-        "--head_channels": "prior_head_channels",
-    }
-    command = [
+    """``scripts/benchmark_sampling.py`` on the configured networks: naive vs fast, with and without CUDA graphs."""
+    return [
         args.python,
         "scripts/benchmark_sampling.py",
         "--device",
         "cuda",
+        "--num_samples",
+        "16",
+        "--naive_budget_s",
+        "40",
         "--json",
         str(json_path),
-        "--height",
-        str(height),
-        "--width",
-        str(width),
-        "--naive_rows",
-        str(height),
-        "--num_samples",
-        "4",
     ]
-    for flag, key in sizes.items():
-        command += [flag, str(parser.get_parsed_content(key))]
-    return command
+
+
+def rejected_sampling_arguments(command: list[str]) -> str | None:
+    """What ``scripts/benchmark_sampling.py`` says of ``command``'s arguments when it rejects them, else None."""
+    spec = importlib.util.spec_from_file_location("benchmark_sampling", ROOT / "scripts" / "benchmark_sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            module.parse_args(command[2:])
+    except SystemExit:
+        return errors.getvalue().strip().splitlines()[-1]
+    return None
 
 
 def environment() -> dict[str, Any]:
@@ -340,15 +339,17 @@ class Check:
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """Prints the training commands and checks each override against its configs; 1 when one is unknown."""
+    """Prints the commands and checks each against what it runs (config overrides, script options); 1 on a miss."""
     commands = training_commands(args, Path(args.out_dir) / "phantom", Path(args.out_dir) / "runs")
     problems = {name: unknown_overrides(command) for name, command in commands.items()}
     for name, command in commands.items():
         print(f"{name}: {shlex.join(command)}")
-    print(f"sampling: {shlex.join(sampling_command(args, Path(args.out_dir) / 'sampling.json'))}")
+    sampling = sampling_command(args, Path(args.out_dir) / "sampling.json")
+    print(f"sampling: {shlex.join(sampling)}")
+    problems["sampling"] = rejected_sampling_arguments(sampling)
     problems = {name: keys for name, keys in problems.items() if keys}
     if problems:
-        print(f"gpu_check: overrides the configs do not define: {problems}", file=sys.stderr)
+        print(f"gpu_check: arguments that the configs or scripts do not take: {problems}", file=sys.stderr)
     return 1 if problems else 0
 
 

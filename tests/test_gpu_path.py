@@ -440,7 +440,14 @@ def test_gpu_check_training_overrides_exist_in_the_configs(tmp_path: Path) -> No
     assert "--amp_dtype float16" in lines["train_fp16"] and "--compile True" in lines["train_compile"]
     assert "torch.distributed.run --standalone --nproc_per_node=1" in lines["ddp_1gpu"]
     assert "configs/multi_gpu_train.json" in lines["ddp_1gpu"] and "multi_gpu" not in lines["train_fp16"]
-    assert "--naive_rows 64 " in lines["sampling"] and "--height 64 --width 32" in lines["sampling"]
+    assert "scripts/benchmark_sampling.py --device cuda" in lines["sampling"]
+
+
+def test_gpu_check_dry_run_names_a_sampling_option_the_benchmark_does_not_take(gpu_check: Any) -> None:
+    args = gpu_check.parse_args(["--python", sys.executable])
+    command = gpu_check.sampling_command(args, Path("sampling.json"))
+    assert gpu_check.rejected_sampling_arguments(command) is None
+    assert "--naive_rows" in gpu_check.rejected_sampling_arguments([*command, "--naive_rows", "64"])
 
 
 @pytest.fixture(scope="module")

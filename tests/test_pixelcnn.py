@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from bundle.stage2_prior import sampling
 from bundle.stage2_prior.pixelcnn import GatedPixelCNN, layers_to_cover, span_to_cover, upsampling_ratio
 from bundle.stage2_prior.sampling import sample_fast, sample_level, sample_naive
 
@@ -283,6 +286,79 @@ def test_fast_sampling_equals_naive_edge_shapes(shape, num_layers, kernel_size, 
     assert torch.equal(naive, fast)
 
 
+# ---------------------------------------------------------------- CUDA graphs of the row pass
+
+
+def refuse_capture() -> None:
+    """Stands in for :meth:`RowSampler.capture` where CUDA graphs fail."""
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_graph_capture_is_logged_and_the_row_pass_runs_eagerly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_model(num_layers=2, kernel_size=3, cond_embeddings=4).eval()
+    weights = sampling.cached_weights(model, None, 2)
+    row = sampling.RowSampler(model, weights, sampling.cache_buffers(model, 2, 4, 3, torch.device("cpu")), 3, 1.0)
+    monkeypatch.setattr(row, "capture", refuse_capture)
+    with caplog.at_level(logging.WARNING, logger=sampling.__name__):
+        assert sampling.graph_if_possible(row, use_graph=True) is row
+    assert row.graph is None
+    assert "without a CUDA graph" in caplog.text and "operation not permitted when stream is capturing" in caplog.text
+    links = [torch.randn_like(buffer) for buffer in row.links]
+    codes, _ = row(links, torch.rand(3, 2, dtype=torch.float64))
+    assert codes.shape == (2, 3) and 0 <= codes.min() and codes.max() < model.num_embeddings
+
+
+def test_the_fast_sampler_captures_only_on_cuda_and_a_capture_error_still_gives_the_naive_codes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = make_model(num_layers=3, kernel_size=3, cond_embeddings=4)
+    cond_codes = cond_codes_for(model, 2, 6, 4)
+    requests = []
+    real = sampling.graph_if_possible
+
+    def spy(row: sampling.RowSampler, use_graph: bool) -> sampling.RowSampler:
+        requests.append(use_graph)
+        monkeypatch.setattr(row, "capture", refuse_capture)
+        return real(row, True)  # as if on CUDA: capture is attempted and fails
+
+    monkeypatch.setattr(sampling, "graph_if_possible", spy)
+    fast = sample_fast(model, (6, 4), 2, 0.8, generator=torch.Generator().manual_seed(1), cond_codes=cond_codes)
+    eager = sampling.sample_fast_eager(
+        model, (6, 4), 2, 0.8, generator=torch.Generator().manual_seed(1), cond_codes=cond_codes
+    )
+    naive = sample_naive(model, (6, 4), 2, 0.8, generator=torch.Generator().manual_seed(1), cond_codes=cond_codes)
+    assert requests == [False, False]  # on the CPU neither call asks for a graph
+    assert torch.equal(fast, naive) and torch.equal(eager, naive)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cond_embeddings,num_classes,temperature", [(0, 0, 1.0), (5, 0, 0.6), (5, 3, 0.0)])
+def test_cuda_graph_rows_give_the_codes_and_logits_of_the_eager_pass_with_one_replay_a_row(
+    monkeypatch: pytest.MonkeyPatch, cond_embeddings: int, num_classes: int, temperature: float
+) -> None:
+    model = make_model(num_layers=4, num_classes=num_classes, cond_embeddings=cond_embeddings, dtype=torch.float32)
+    model = model.cuda()
+    labels = torch.tensor([0, 2, 1]) if num_classes else None
+    cond_codes = cond_codes_for(model, 3, 8, 6)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1])
+
+    def draw(method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        sampler = {"fast": sample_fast, "fast_eager": sampling.sample_fast_eager, "naive": sample_naive}[method]
+        generator = torch.Generator().manual_seed(7)
+        return sampler(model, (8, 6), 3, temperature, labels, generator, cond_codes=cond_codes, return_logits=True)
+
+    (eager, eager_logits), (naive, _) = draw("fast_eager"), draw("naive")
+    assert not replays
+    graphed, graphed_logits = draw("fast")
+    assert len(replays) == 8  # one replay per row
+    assert torch.equal(graphed, eager) and torch.equal(graphed_logits, eager_logits) and torch.equal(graphed, naive)
+
+
 # ---------------------------------------------------------------- conditioning
 
 
@@ -330,7 +406,7 @@ def test_forward_shape_and_training_step(cond_embeddings: int) -> None:
 def test_samples_shape_range_determinism_and_mode() -> None:
     model = make_model(num_embeddings=10, dtype=torch.float32)
     model.train()
-    for method in ("fast", "naive"):
+    for method in ("fast", "fast_eager", "naive"):
         s1 = sample_level(model, (4, 3), 2, generator=torch.Generator().manual_seed(0), method=method)
         s2 = sample_level(model, (4, 3), 2, generator=torch.Generator().manual_seed(0), method=method)
         s3 = sample_level(model, (4, 3), 2, generator=torch.Generator().manual_seed(1), method=method)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from bundle.stage2_prior.pixelcnn import GatedPixelCNN
 from bundle.stage2_prior.sampling import (
+    cache_buffers,
     cached_weights,
     condition_features,
     eval_on,
@@ -155,16 +156,12 @@ def heal_level(
     with eval_on(model, device):
         cond = condition_features(model, cond_codes, n, (height, width), device)
         weights = cached_weights(model, labels, n)
-        dtype = next(model.parameters()).dtype
-        c, p = model.channels, model.kernel_size // 2
-        pad = p + 1
-        v_in = [torch.zeros(n, c, height + p, width + 2 * p, dtype=dtype, device=device) for _ in model.layers]
-        h_in = [torch.zeros(n, width + pad, c, dtype=dtype, device=device) for _ in model.layers]
-        gates = torch.empty(n, model.num_layers * c, dtype=dtype, device=device)
+        buffers = cache_buffers(model, n, height, width, device)
+        h_in, pad = buffers.h_in, model.kernel_size // 2 + 1
         for i in range(last_row + 1):
-            links = row_links(model, weights, v_in, codes, cond, i)
+            links = row_links(model, weights, buffers.v_in, codes, cond, i)
             for j in range(last_columns[i] + 1):
-                logits = position_logits(model, weights, h_in, gates, links, j)
+                logits = position_logits(model, weights, h_in, buffers.gates, links, j)
                 marked = resample[:, i, j]
                 if marked.any():
                     drawn = pick_codes(logits, draws[i, j], temperature)

@@ -170,7 +170,7 @@ def generate(
         seed: the same seed gives the same slices.
         label: class for a class-conditioned prior; None cycles through all classes.
         batch_size: slices sampled together.
-        sampler: ``"fast"`` (cached) or ``"naive"``.
+        sampler: ``"fast"`` (cached; CUDA graphs on a GPU), ``"fast_eager"`` (cached, no CUDA graphs) or ``"naive"``.
         latent_shapes: ``((h_t, w_t), (h_b, w_b))``; None takes the prior's ``latent_shapes``.
 
     Returns:

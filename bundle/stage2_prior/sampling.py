@@ -14,6 +14,12 @@ A spatially conditioned model (the bottom level of a two-level prior) gets its
 conditioning code map as ``cond_codes``: both samplers run the conditioning stack once
 up front; the fast one then projects one row of its features per layer as the row starts.
 
+On a GPU the fast sampler would wait on kernel launches: every position runs a few
+small kernels per layer. :class:`RowSampler` holds one row's horizontal pass in fixed
+buffers, so on CUDA it is captured once as a CUDA graph and replayed per row (one launch
+a row instead of thousands); when capture fails, the reason is logged and the same pass
+runs eagerly. The replay runs the kernels of the eager pass, so the codes are the same.
+
 Exactness: the full convolution and the cached computation may differ in the last
 bits of floating point, so both samplers draw all randomness up front in a fixed
 order (``u = torch.rand(N, H, W)``) and pick each code by inverse CDF on the softmax
@@ -29,6 +35,7 @@ same whatever the batch it is drawn in.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,9 +48,16 @@ from bundle.stage2_prior.pixelcnn import GatedPixelCNN
 if TYPE_CHECKING:
     from bundle.stage2_prior.two_level import TwoLevelPrior
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "sample_naive",
     "sample_fast",
+    "sample_fast_eager",
+    "RowSampler",
+    "graph_if_possible",
+    "CacheBuffers",
+    "cache_buffers",
     "sample_level",
     "sample_codes",
     "level_generators",
@@ -345,6 +359,126 @@ def position_logits(
     return torch.addmm(head2_bias, hidden, head2_weight)
 
 
+@dataclass
+class CacheBuffers:
+    """The per-layer activation caches of incremental sampling for ``N`` maps of ``H x W`` codes.
+
+    ``v_in`` holds every layer's vertical-stack input ``[N, C, H + p, W + 2p]``, zero padded like ``VerticalConv``
+    (``p`` rows on top, ``p`` columns on each side); only rows ``r-1-p .. r-1`` are read when row ``r`` starts.
+    ``h_in`` holds every layer's horizontal-stack input of the current row ``[N, W + p + 1, C]``, channels last, with
+    ``p + 1`` zero columns on the left: column ``j`` lives at index ``j + p + 1``; columns < 0 stay zero and columns
+    > ``j`` are never read. ``gates`` ``[N, L*C]`` is scratch for the gated outputs of all layers.
+    """
+
+    v_in: list[torch.Tensor]
+    h_in: list[torch.Tensor]
+    gates: torch.Tensor
+
+
+def cache_buffers(model: GatedPixelCNN, n: int, height: int, width: int, device: torch.device) -> CacheBuffers:
+    """Zeroed :class:`CacheBuffers` for ``n`` maps of ``height x width`` codes of ``model``."""
+    dtype = next(model.parameters()).dtype
+    c, p = model.channels, model.kernel_size // 2
+    return CacheBuffers(
+        v_in=[torch.zeros(n, c, height + p, width + 2 * p, dtype=dtype, device=device) for _ in model.layers],
+        h_in=[torch.zeros(n, width + p + 1, c, dtype=dtype, device=device) for _ in model.layers],
+        gates=torch.empty(n, model.num_layers * c, dtype=dtype, device=device),
+    )
+
+
+class RowSampler:
+    """One row's horizontal pass: at each column, the horizontal stacks, the head and the pick of a code.
+
+    Everything the pass reads and writes lives in fixed buffers (the row's links and uniforms are copied in), so
+    :meth:`capture` can record it as one CUDA graph that every later row replays; without a graph the same pass
+    runs eagerly.
+
+    Args:
+        model: the prior, in eval mode.
+        weights: its :func:`cached_weights`.
+        buffers: the sampler's :class:`CacheBuffers` (its ``h_in`` and ``gates`` are used).
+        width: columns of the code map.
+        temperature: softmax temperature; 0 means argmax.
+        keep_logits: also keep the row's logits in :attr:`logits`.
+    """
+
+    def __init__(
+        self,
+        model: GatedPixelCNN,
+        weights: CachedWeights,
+        buffers: CacheBuffers,
+        width: int,
+        temperature: float,
+        keep_logits: bool = False,
+    ) -> None:
+        n, device, dtype = buffers.gates.shape[0], buffers.gates.device, buffers.gates.dtype
+        self.model, self.weights, self.buffers = model, weights, buffers
+        self.width, self.temperature = width, temperature
+        self.links = [torch.zeros(n, width, 2 * model.channels, dtype=dtype, device=device) for _ in model.layers]
+        self.u = torch.zeros(width, n, dtype=torch.float64, device=device)
+        self.codes = torch.zeros(n, width, dtype=torch.long, device=device)
+        self.logits = torch.zeros(n, model.num_embeddings, width, dtype=dtype, device=device) if keep_logits else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """The pass itself, over :attr:`links` and :attr:`u`, into :attr:`codes` (and :attr:`logits`)."""
+        h_in, pad = self.buffers.h_in, self.model.kernel_size // 2 + 1
+        for j in range(self.width):
+            logits = position_logits(self.model, self.weights, h_in, self.buffers.gates, self.links, j)
+            new = pick_codes(logits, self.u[j], self.temperature)
+            self.codes[:, j] = new
+            h_in[0][:, j + pad] = self.model.embedding.weight[new]
+            if self.logits is not None:
+                self.logits[:, :, j] = logits
+
+    def capture(self) -> None:
+        """Record :meth:`run` as a CUDA graph, after one warm-up pass on a side stream as CUDA graphs require.
+
+        The passes write only columns that every row writes again before reading them, so they leave no trace.
+        """
+        device = self.codes.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run()
+        self.graph = graph
+
+    def __call__(self, links: list[torch.Tensor], u_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample one row.
+
+        Args:
+            links: from :func:`row_links` for this row.
+            u_row: the row's uniforms ``[W, N]``.
+
+        Returns:
+            ``(codes [N, W], logits [N, K, W] or None)``, buffers that the next row overwrites.
+        """
+        for buffer, link in zip(self.links, links):
+            buffer.copy_(link)
+        self.u.copy_(u_row)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
+        return self.codes, self.logits
+
+
+def graph_if_possible(row: RowSampler, use_graph: bool) -> RowSampler:
+    """Capture ``row`` as a CUDA graph when ``use_graph``; if capture fails, log why and keep the eager pass."""
+    if use_graph:
+        try:
+            row.capture()
+        except RuntimeError as error:  # torch raises its CUDA, capture and memory errors as RuntimeError
+            row.graph = None
+            logger.warning(f"Sampling without a CUDA graph: capturing the row pass failed ({error}).")
+    return row
+
+
 @torch.no_grad()
 def sample_fast(
     model: GatedPixelCNN,
@@ -356,45 +490,41 @@ def sample_fast(
     device: torch.device | str | None = None,
     return_logits: bool = False,
     cond_codes: torch.Tensor | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample code maps incrementally with cached activations; same result as :func:`sample_naive`.
 
     Arguments and return values are those of :func:`sample_naive` (there is no ``max_positions``: the whole map
-    costs about one forward pass).
+    costs about one forward pass), and ``cuda_graph``: on a CUDA device, replay each row's pass as a CUDA graph
+    (see :class:`RowSampler`); False runs it eagerly. Ignored on other devices.
     """
     device, labels, u = _prepare(model, shape, num_samples, temperature, labels, generator, device)
     height, width = int(shape[0]), int(shape[1])
-    n = num_samples
     with eval_on(model, device):
-        cond = condition_features(model, cond_codes, n, shape, device)
-        w = cached_weights(model, labels, n)
-        dtype = next(model.parameters()).dtype
-        c, p = model.channels, model.kernel_size // 2
-        # vertical-stack inputs of every layer, zero padded like VerticalConv (p rows on top, p columns on each
-        # side); only rows r-1-p .. r-1 are read when row r starts
-        v_in = [torch.zeros(n, c, height + p, width + 2 * p, dtype=dtype, device=device) for _ in model.layers]
-        # horizontal-stack inputs of the current row, channels last, p+1 zero columns on the left; column j lives
-        # at index j + p + 1. Columns < 0 stay zero; columns > j are never read.
-        pad = p + 1
-        h_in = [torch.zeros(n, width + pad, c, dtype=dtype, device=device) for _ in model.layers]
-        gates = torch.empty(n, model.num_layers * c, dtype=dtype, device=device)
-        codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
+        cond = condition_features(model, cond_codes, num_samples, shape, device)
+        weights = cached_weights(model, labels, num_samples)
+        buffers = cache_buffers(model, num_samples, height, width, device)
+        row = RowSampler(model, weights, buffers, width, temperature, keep_logits=return_logits)
+        row = graph_if_possible(row, cuda_graph and device.type == "cuda")
+        codes = torch.zeros(num_samples, height, width, dtype=torch.long, device=device)
         all_logits = None
         if return_logits:
-            all_logits = torch.zeros(n, model.num_embeddings, height, width, dtype=dtype, device=device)
+            logits_shape = (num_samples, model.num_embeddings, height, width)
+            all_logits = torch.zeros(logits_shape, dtype=buffers.gates.dtype, device=device)
         for i in range(height):
-            links = row_links(model, w, v_in, codes, cond, i)
-            for j in range(width):
-                logits = position_logits(model, w, h_in, gates, links, j)
-                new = pick_codes(logits, u[i, j], temperature)
-                codes[:, i, j] = new
-                h_in[0][:, j + pad] = model.embedding.weight[new]
-                if all_logits is not None:
-                    all_logits[:, :, i, j] = logits
+            row_codes, row_logits = row(row_links(model, weights, buffers.v_in, codes, cond, i), u[i])
+            codes[:, i] = row_codes
+            if all_logits is not None:
+                all_logits[:, :, i] = row_logits
     return (codes, all_logits) if return_logits else codes
 
 
-SAMPLERS = {"fast": sample_fast, "naive": sample_naive}
+def sample_fast_eager(*args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_fast` without CUDA graphs (the eager pass on every device)."""
+    return sample_fast(*args, **kwargs, cuda_graph=False)
+
+
+SAMPLERS = {"fast": sample_fast, "fast_eager": sample_fast_eager, "naive": sample_naive}
 
 
 def sample_level(
@@ -417,7 +547,8 @@ def sample_level(
         temperature: softmax temperature; 0 means argmax.
         labels: int64 ``[N]`` (or one int for all) for a class-conditioned model, else None.
         generator: random generator.
-        method: ``"fast"`` (cached, incremental) or ``"naive"`` (a full pass per position).
+        method: ``"fast"`` (cached, incremental; rows replayed as CUDA graphs on a GPU), ``"fast_eager"`` (the same
+            without CUDA graphs) or ``"naive"`` (a full pass per position).
         device: where to run; defaults to the model's device.
         cond_codes: integer ``[N, h, w]`` for a spatially conditioned model, else None.
 
@@ -464,7 +595,7 @@ def sample_codes(
         temperature: softmax temperature of both levels; 0 means argmax.
         seed: seeds :func:`level_generators` when ``generators`` is None.
         labels: int64 ``[N]`` (or one int for all) for a class-conditioned prior, else None.
-        sampler: ``"fast"`` or ``"naive"``.
+        sampler: ``"fast"``, ``"fast_eager"`` or ``"naive"`` (see :func:`sample_level`).
         device: where to run; defaults to the prior's device.
         generators: ``(top, bottom)`` generators to draw from instead of fresh ones from ``seed`` (to continue
             a stream across batches).

@@ -348,9 +348,10 @@ def test_cuda_graph_rows_give_the_codes_and_logits_of_the_eager_pass_with_one_re
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1])
 
     def draw(method: str) -> tuple[torch.Tensor, torch.Tensor]:
-        sampler = {"fast": sample_fast, "fast_eager": sampling.sample_fast_eager, "naive": sample_naive}[method]
         generator = torch.Generator().manual_seed(7)
-        return sampler(model, (8, 6), 3, temperature, labels, generator, cond_codes=cond_codes, return_logits=True)
+        return sampling.SAMPLERS[method](
+            model, (8, 6), 3, temperature, labels, generator, cond_codes=cond_codes, return_logits=True
+        )
 
     (eager, eager_logits), (naive, _) = draw("fast_eager"), draw("naive")
     assert not replays

@@ -474,7 +474,6 @@ def graph_if_possible(row: RowSampler, use_graph: bool) -> RowSampler:
         try:
             row.capture()
         except RuntimeError as error:  # torch raises its CUDA, capture and memory errors as RuntimeError
-            row.graph = None
             logger.warning(f"Sampling without a CUDA graph: capturing the row pass failed ({error}).")
     return row
 

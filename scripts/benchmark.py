@@ -51,6 +51,9 @@ from the layered stage configs with ``monai.bundle.ConfigParser``. What is measu
     sample grid amortised over ``prior_sample_interval`` epochs. ``--quick`` uses fewer images and scales the
     validation and encoding too. With section 9, the compiled figure applies 9's steady speed-up to the
     iterations (an estimate; compiling once costs 9's first call).
+11. **Vector quantiser**: one training-mode call (nearest codes, EMA update, commitment loss) of the bundle's
+    ``ScriptableEMAQuantizer`` against MONAI's ``EMAQuantizer`` with the same state, on the bottom level's encoder
+    output for one training batch, interleaved round after round; whether both chose the same codes.
 
 The machine may be shared, so 1, 3, 4, 7 and 9 are measured side by side in ONE trainer run: after every trainer
 iteration, a handler runs one plain-loop iteration, one batch of the data pipeline and the next three of the
@@ -535,6 +538,9 @@ def run(args: argparse.Namespace, work: str) -> dict:
     )
     log("sampling done")
 
+    quantizer = quantizer_benchmark(config, plan, device)
+    log(f"quantiser: {quantizer['speedup']:.2f}x MONAI's")
+
     omp = None
     if not args.no_omp_probe and device.type == "cpu":
         omp = omp_probe(4 if args.quick else config.get_parsed_content("batch_size"), plan.omp_repeats, args)
@@ -574,6 +580,7 @@ def run(args: argparse.Namespace, work: str) -> dict:
         "training_time": {"stage1": stage1, "stage2": stage2},
         "inference": inference,
         "sampling": sampling,
+        "quantizer": quantizer,
         "omp_wait_policy": omp,
         "wall_s": time.perf_counter() - T0,
     }
@@ -1017,6 +1024,36 @@ def _encode_fast(net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return net.index_quantize(x.contiguous(memory_format=torch.channels_last))
 
 
+# --------------------------------------------------------------------------------------------- 11: quantiser ---
+def quantizer_benchmark(config, plan: Plan, device: torch.device) -> dict:
+    """ms per training-mode call of the bundle's quantiser and of MONAI's ``EMAQuantizer`` (same state, same input:
+    the bottom level of one training batch), interleaved; and whether they chose the same codes."""
+    from monai.networks.layers.vector_quantizer import EMAQuantizer
+
+    from bundle.stage1_vqvae.quantizer import ScriptableEMAQuantizer
+
+    bottom = config.get_parsed_content("network_def").bottom_quantizer
+    size = {"num_embeddings": bottom.num_embeddings, "embedding_dim": bottom.embedding_dim}
+    quantizers = {
+        "bundle": ScriptableEMAQuantizer(spatial_dims=2, **size),
+        "monai": EMAQuantizer(spatial_dims=2, **size),
+    }
+    quantizers["monai"].load_state_dict(quantizers["bundle"].state_dict())
+    batch = config.get_parsed_content("batch_size")
+    shape = (batch, size["embedding_dim"], *config.get_parsed_content("latent_shapes")[1])
+    x = torch.randn(shape, device=device)
+    codes = {name: q.to(device).train()(x)[2] for name, q in quantizers.items()}
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(max(3, plan.inference_rounds)):  # interleaved, so that load hits both alike
+        for name, q in quantizers.items():
+            times[name].append(per_call_s(functools.partial(q, x), 3))
+    out = {f"{name}_ms": 1000 * median(v) for name, v in times.items()}
+    out.update(input_shape=list(shape), num_embeddings=size["num_embeddings"])
+    out["speedup"] = out["monai_ms"] / out["bundle_ms"]
+    out["same_codes"] = bool(torch.equal(codes["bundle"], codes["monai"]))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ 8: OpenMP policy ---
 def omp_probe_child(batch_size: int, args: argparse.Namespace) -> dict:
     """In a child process: a VQ-VAE-2 training step as the stage-1 config trains (batch ``batch_size``) and a
@@ -1251,6 +1288,13 @@ def table_extras(table: Table, r: dict) -> None:
             )
     else:
         table.section(f"9. torch.compile skipped: {c.get('skipped')}")
+    q = r["quantizer"]
+    table.section(f"11. vector quantiser, training mode, input {q['input_shape']}, {q['num_embeddings']} codes")
+    table.row(
+        "bundle vs MONAI",
+        f"{q['bundle_ms']:.1f} vs {q['monai_ms']:.1f} ms",
+        f"{q['speedup']:.2f}x, same codes: " f"{q['same_codes']}",
+    )
 
 
 def table_epochs(table: Table, tt: dict) -> None:

@@ -119,6 +119,13 @@ def test_inference(report: dict) -> None:
     assert set(agreement) == {"top", "bottom"} and all(0.0 <= v <= 1.0 for v in agreement.values())
 
 
+def test_quantiser_against_monai(report: dict) -> None:
+    quantizer = report["quantizer"]
+    assert _finite_positive(quantizer["bundle_ms"]) and _finite_positive(quantizer["monai_ms"])
+    assert quantizer["speedup"] == pytest.approx(quantizer["monai_ms"] / quantizer["bundle_ms"])
+    assert quantizer["input_shape"][2:] == report["settings"]["latent_shapes"][1] and quantizer["same_codes"] is True
+
+
 def test_sampling_each_level_fast_is_exact_and_faster(report: dict) -> None:
     sampling = report["sampling"]
     assert sampling["num_samples"] == 16 and sampling["latent_shapes"] == report["settings"]["latent_shapes"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine
+from monai.networks.layers.vector_quantizer import EMAQuantizer
 
 from bundle.stage1_vqvae.codebook import find_quantizer, find_quantizers, init_codebook
 from bundle.stage1_vqvae.codebook_monitor import CodebookMonitor
@@ -186,6 +187,24 @@ def test_eager_training_sums_ema_statistics_over_ranks(monkeypatch: pytest.Monke
     quantizer.train()(torch.randn(2, 3, 4, 4))
     assert reduced == ([torch.Size([8]), torch.Size([8, 3])] if ddp_sync else [])
     assert float(quantizer.ema_cluster_size.sum()) == pytest.approx(2 * 32 if ddp_sync else 32)
+
+
+def test_quantiser_matches_monai_ema_quantizer_without_a_one_hot_matrix() -> None:
+    torch.manual_seed(0)
+    ours = ScriptableEMAQuantizer(spatial_dims=2, num_embeddings=64, embedding_dim=8, decay=0.9)
+    monai_quantizer = EMAQuantizer(spatial_dims=2, num_embeddings=64, embedding_dim=8, decay=0.9)
+    monai_quantizer.load_state_dict(ours.state_dict())
+    for step in range(3):  # the codebooks move apart if one EMA update differs
+        encodings = torch.randn(4, 8, 16, 8, requires_grad=True)
+        quantized, loss, indices = ours.train()(encodings)
+        expected_quantized, expected_loss, expected_indices = monai_quantizer.train()(encodings)
+        assert indices.shape == (4, 16, 8) and torch.equal(indices, expected_indices), step
+        assert torch.equal(quantized, expected_quantized) and torch.allclose(loss, expected_loss)
+        for name, value in monai_quantizer.state_dict().items():
+            assert torch.allclose(ours.state_dict()[name], value, rtol=1e-5, atol=1e-6), (step, name)
+    quantized.sum().backward()
+    assert torch.equal(encodings.grad, torch.ones_like(encodings))  # straight through
+    assert float(ours.ema_cluster_size.sum()) == pytest.approx(float(monai_quantizer.ema_cluster_size.sum()))
 
 
 def test_quantisers_are_found_by_level_name() -> None:

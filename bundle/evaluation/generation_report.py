@@ -240,6 +240,7 @@ def generation_report(
     num_memorisation_references: int | None = None,
     latent_shapes: Sequence[Sequence[int]] | None = None,
     features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sample_batch_size: int = 48,
 ) -> dict[str, Any]:
     """Generation metrics, written to ``<output_dir>/generation_metrics.json`` with a samples-vs-real picture.
 
@@ -261,6 +262,8 @@ def generation_report(
         latent_shapes: ``((h_t, w_t), (h_b, w_b))``; None takes the prior's.
         features: image batch ``[B, 1, H, W]`` -> feature map ``[B, C, ...]`` for FID/KID; None uses the
             bottom encoder's output ``vqvae.encode(images)[1]``.
+        sample_batch_size: slices sampled together (the samples do not depend on it; on 2 CPU cores 48 slices
+            took 1.4x less time in one batch than in three of 16).
 
     Returns:
         The metrics dict that was written: ``nll_bits_top``, ``nll_bits_bottom``, ``nll_bits_image``, FID/KID
@@ -269,7 +272,9 @@ def generation_report(
     """
     output_dir = Path(output_dir)
     prior = getattr(prior, "module", prior)
-    samples, top, bottom = generate(vqvae, prior, num_samples, temperature, seed, latent_shapes=latent_shapes)
+    samples, top, bottom = generate(
+        vqvae, prior, num_samples, temperature, seed, batch_size=sample_batch_size, latent_shapes=latent_shapes
+    )
     test_indices = _subset_indices(len(test_dataset), num_samples, seed)
     train_indices = _subset_indices(len(train_dataset), num_samples, seed + 1)
     (test_images,) = _load_images(test_dataset, test_indices)

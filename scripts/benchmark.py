@@ -1293,7 +1293,7 @@ def table_extras(table: Table, r: dict) -> None:
     table.row(
         "bundle vs MONAI",
         f"{q['bundle_ms']:.1f} vs {q['monai_ms']:.1f} ms",
-        f"{q['speedup']:.2f}x, same codes: " f"{q['same_codes']}",
+        f"{q['speedup']:.2f}x, same codes: {q['same_codes']}",
     )
 
 

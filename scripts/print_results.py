@@ -10,9 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+_WRITTEN_BY = {
+    "reconstruction_metrics.json": "configs/evaluate.json",
+    "generation_metrics.json": "configs/evaluate_generation.json",
+}
+
 
 def summary(output_dir: str | Path) -> list[str]:
-    """The lines to print.
+    """The lines to print; a missing metrics file is one line that names it and the workflow that writes it.
 
     Args:
         output_dir: the workflows' ``output_dir``.
@@ -21,11 +26,30 @@ def summary(output_dir: str | Path) -> list[str]:
         Human-readable lines, one figure each.
     """
     output_dir = Path(output_dir)
-    r = json.loads((output_dir / "reconstruction_metrics.json").read_text())
-    g = json.loads((output_dir / "generation_metrics.json").read_text())
+    reports = {name: output_dir / name for name in _WRITTEN_BY}
     lines = [
+        f"No {path}: the 'evaluating' run with {_WRITTEN_BY[name]} writes it"
+        for name, path in reports.items()
+        if not path.is_file()
+    ]
+    if reports["reconstruction_metrics.json"].is_file():
+        lines += reconstruction_lines(json.loads(reports["reconstruction_metrics.json"].read_text()))
+    if reports["generation_metrics.json"].is_file():
+        lines += generation_lines(json.loads(reports["generation_metrics.json"].read_text()))
+    return lines
+
+
+def reconstruction_lines(r: dict) -> list[str]:
+    """The reconstruction figures of ``reconstruction_metrics.json``."""
+    return [
         f"Test reconstruction: SSIM {r['ssim']:.3f}, PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.3f} "
-        f"on {r['n_images']} slices",
+        f"on {r['n_images']} slices"
+    ]
+
+
+def generation_lines(g: dict) -> list[str]:
+    """The generation figures of ``generation_metrics.json``, each beside real train vs real test."""
+    lines = [
         f"Prior NLL: top {g['nll_bits_top']:.3f}, bottom {g['nll_bits_bottom']:.3f} bits/code",
         f"FID {g['fid']:.3f} (real-vs-real {g['fid_real_baseline']:.3f}) on {g['num_samples']} samples",
     ]

@@ -1,0 +1,49 @@
+"""``scripts/print_results.py``: the demo's headline figures, and a line naming each metrics file that is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import ROOT
+
+_spec = importlib.util.spec_from_file_location("print_results", ROOT / "scripts" / "print_results.py")
+print_results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(print_results)
+
+RECONSTRUCTION = {"ssim": 0.8104, "psnr": 28.137, "ms_ssim": 0.9631, "n_images": 128}
+GENERATION = {
+    "nll_bits_top": 3.9563,
+    "nll_bits_bottom": 2.6191,
+    "fid": 0.1924,
+    "fid_real_baseline": 0.0475,
+    "num_samples": 48,
+    "c2st_accuracy": 0.625,
+    "c2st_accuracy_real_baseline": 0.5,
+    "precision": 0.25,
+    "recall": 0.5625,
+    "precision_real_baseline": 0.8958,
+    "recall_real_baseline": 0.625,
+}
+
+
+def test_both_reports_give_every_figure_beside_its_reference(tmp_path: Path) -> None:
+    (tmp_path / "reconstruction_metrics.json").write_text(json.dumps(RECONSTRUCTION))
+    (tmp_path / "generation_metrics.json").write_text(json.dumps(GENERATION))
+    lines = print_results.summary(tmp_path)
+    assert lines[0] == "Test reconstruction: SSIM 0.810, PSNR 28.14 dB, MS-SSIM 0.963 on 128 slices"
+    assert "FID 0.192 (real-vs-real 0.048) on 48 samples" in lines
+    assert "Precision 0.250, recall 0.562 (real-vs-real 0.896, 0.625)" in lines
+    assert not any(line.startswith("No ") for line in lines)
+
+
+def test_a_missing_report_is_named_with_the_workflow_that_writes_it(tmp_path: Path) -> None:
+    (tmp_path / "generation_metrics.json").write_text(json.dumps(GENERATION))
+    lines = print_results.summary(tmp_path)
+    assert (
+        lines[0]
+        == f"No {tmp_path / 'reconstruction_metrics.json'}: the 'evaluating' run with configs/evaluate.json writes it"
+    )
+    assert "Prior NLL: top 3.956, bottom 2.619 bits/code" in lines and len(lines) == 5
+    assert len(print_results.summary(tmp_path / "empty")) == 2

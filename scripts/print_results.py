@@ -10,11 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-_WRITTEN_BY = {
-    "reconstruction_metrics.json": "configs/evaluate.json",
-    "generation_metrics.json": "configs/evaluate_generation.json",
-}
-
 
 def summary(output_dir: str | Path) -> list[str]:
     """The lines to print; a missing metrics file is one line that names it and the workflow that writes it.
@@ -25,17 +20,13 @@ def summary(output_dir: str | Path) -> list[str]:
     Returns:
         Human-readable lines, one figure each.
     """
-    output_dir = Path(output_dir)
-    reports = {name: output_dir / name for name in _WRITTEN_BY}
-    lines = [
-        f"No {path}: the 'evaluating' run with {_WRITTEN_BY[name]} writes it"
-        for name, path in reports.items()
-        if not path.is_file()
-    ]
-    if reports["reconstruction_metrics.json"].is_file():
-        lines += reconstruction_lines(json.loads(reports["reconstruction_metrics.json"].read_text()))
-    if reports["generation_metrics.json"].is_file():
-        lines += generation_lines(json.loads(reports["generation_metrics.json"].read_text()))
+    lines = []
+    for name, (config, lines_of) in REPORTS.items():
+        path = Path(output_dir) / name
+        if path.is_file():
+            lines += lines_of(json.loads(path.read_text()))
+        else:
+            lines.append(f"No {path}: the 'evaluating' run with {config} writes it")
     return lines
 
 
@@ -66,6 +57,11 @@ def generation_lines(g: dict) -> list[str]:
         lines.append(f"Realism measures skipped: {g.get('realism_skipped', 'not in the report')}")
     return lines
 
+
+REPORTS = {
+    "reconstruction_metrics.json": ("configs/evaluate.json", reconstruction_lines),
+    "generation_metrics.json": ("configs/evaluate_generation.json", generation_lines),
+}
 
 if __name__ == "__main__":
     print("\n".join(summary(sys.argv[1] if len(sys.argv) > 1 else "outputs")))

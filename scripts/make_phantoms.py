@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--trailing_axis_every", type=int, default=0, help="store every k-th image as (256, W, 1); 0 = never"
     )
-    parser.add_argument("--figure", default=None, help="also save a preview PNG here (needs matplotlib)")
+    parser.add_argument("--figure", default=None, help="also save a preview PNG here")
     return parser.parse_args(argv)
 
 

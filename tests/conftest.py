@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,35 @@ def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subp
             f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
+    """Both stages of a tiny bundle trained through MONAI's runner: 2 epochs, then the same command re-run with
+    ``--max_epochs 3`` (a resume). Shared by the workflow and anomaly tests; copy ``models`` before writing to it
+    (:func:`copy_models`)."""
+    out = tmp_path_factory.mktemp("tiny_bundle")
+    common = [
+        "--dataset_dir",
+        phantom_dir,
+        "--output_dir",
+        out / "outputs",
+        "--ckpt_dir",
+        out / "models",
+        "--batch_size",
+        4,
+        "--prior_max_epochs",
+        2,
+        *TINY_NETWORK,
+        *TINY_PRIOR,
+    ]
+    configs = "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json"
+    first = run_bundle("training", configs, "--max_epochs", 2, *common)
+    second = run_bundle("training", configs, "--max_epochs", 3, *common)
+    return {"out": out, "common": common, "first": first, "second": second}
+
+
+def copy_models(bundle: dict, destination: Path) -> Path:
+    """A private copy of a trained bundle's ``models`` folder under ``destination``; returns ``destination``."""
+    shutil.copytree(bundle["out"] / "models", destination / "models")
+    return destination

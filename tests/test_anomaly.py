@@ -23,7 +23,7 @@ from bundle.anomaly.threshold import calibrate, parse_threshold, resolve_thresho
 from bundle.stage2_prior.sampling import pick_codes, sample_fast
 from bundle.stage2_prior.two_level import TwoLevelPrior
 
-from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
+from conftest import TINY_NETWORK, TINY_PRIOR, copy_models, run_bundle
 from two_level_stand_in import SHAPES, TinyTwoLevelVQVAE, tiny_prior
 
 
@@ -351,27 +351,9 @@ def test_a_slice_with_a_lesion_scores_higher_than_without() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("anomaly")
-    run_bundle(
-        "training",
-        "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
-        "--dataset_dir",
-        phantom_dir,
-        "--output_dir",
-        out / "outputs",
-        "--ckpt_dir",
-        out / "models",
-        "--batch_size",
-        4,
-        "--max_epochs",
-        2,
-        "--prior_max_epochs",
-        2,
-        *TINY_NETWORK,
-        *TINY_PRIOR,
-    )
-    return out
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: dict) -> Path:
+    """The shared tiny bundle's weights, copied: the anomaly workflows store their threshold beside them."""
+    return copy_models(tiny_bundle, tmp_path_factory.mktemp("anomaly"))
 
 
 def write_hipmri_folder(root: Path) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:

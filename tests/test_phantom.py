@@ -198,10 +198,17 @@ def test_write_refuses_foreign_dir_and_is_atomic(tmp_path: Path, monkeypatch) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real"]
 
 
-def test_figure(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    path = phantom.save_phantom_figure(tmp_path / "fig.png", n=2)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_figure_shows_each_slice_anterior_up_in_rows_of_four(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = phantom.save_phantom_figure(tmp_path / "fig" / "preview.png", n=5)
+    widths = [phantom.case_layout(case_id)[0] for case_id in range(1, 6)]
+    with Image.open(path) as figure:
+        # two rows (four panels, then one), each panel 256 px wide (patient right-left) and as tall as its slice
+        assert figure.size == (4 * 256 + 3 * 2, max(widths[:4]) + 2 + widths[4])
+        first = np.asarray(figure)[: widths[0], :256]
+    image, _ = phantom.phantom_slice(1, 0, 16, widths[0])
+    assert first.max() == 255 and np.corrcoef(first.ravel(), image.T.ravel())[0, 1] > 0.99
 
 
 def test_make_phantoms_script_defaults_to_the_demo_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

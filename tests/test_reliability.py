@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_NETWORK, config_list, run_bundle
+from conftest import ROOT, TINY_NETWORK, config_list, copy_models, run_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -244,21 +244,9 @@ def test_wrong_override_type_is_named(tmp_path: Path, phantom_dir: Path) -> None
     assert "max_epochs must be int, got 'abc'" in log
 
 
-def test_weights_from_another_configuration_are_refused(tmp_path: Path, phantom_dir: Path) -> None:
-    out = tmp_path / "o"
-    run_bundle(
-        "training",
-        "configs/inference.json,configs/train_vqvae.json",
-        "--dataset_dir",
-        phantom_dir,
-        "--output_dir",
-        out,
-        "--ckpt_dir",
-        out / "models",
-        "--max_epochs",
-        1,
-        *FAST,
-    )
+def test_weights_from_another_configuration_are_refused(tmp_path: Path, phantom_dir: Path, tiny_bundle: dict) -> None:
+    out = copy_models(tiny_bundle, tmp_path / "o")  # weights and resumable checkpoints of TINY_NETWORK
+    shutil.copytree(tiny_bundle["out"] / "outputs" / "checkpoints", out / "checkpoints")
     other = [a if a != "64" else "32" for a in map(str, TINY_NETWORK)]  # another codebook size
     log = run_failing(
         "evaluating",

@@ -12,41 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
+from conftest import TINY_NETWORK, run_bundle
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
-    out = tmp_path_factory.mktemp("train")
-    common = [
-        "--dataset_dir",
-        phantom_dir,
-        "--output_dir",
-        out / "outputs",
-        "--ckpt_dir",
-        out / "models",
-        "--batch_size",
-        4,
-        *TINY_NETWORK,
-        *TINY_PRIOR,
-    ]
-    first = run_bundle(
-        "training",
-        "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
-        "--max_epochs",
-        2,
-        *common,
-    )
-    second = run_bundle(
-        "training",
-        "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json",
-        "--max_epochs",
-        3,
-        *common,
-    )
-    return {"out": out, "common": common, "first": first, "second": second}
+def trained(tiny_bundle: dict) -> dict:
+    return tiny_bundle
 
 
 def _logs(result) -> str:

@@ -16,8 +16,7 @@ patient right on the viewer's left); :func:`save_phantom_figure` does that.
 A slice is painted back to front (body, fat rim, muscles, fat, bones, vessels,
 organs) with soft masks for partial-volume edges, then given texture, a coil
 bias field, a light blur and Rician noise. Only numpy, scipy.ndimage and
-nibabel (through bundle.engine.io) are needed; matplotlib is imported lazily
-by the figure helper alone.
+nibabel and Pillow (through bundle.engine.io) are needed.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from bundle.engine.io import nifti_gz_bytes
+from bundle.engine.io import nifti_gz_bytes, save_grid, to_uint8
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -896,30 +895,20 @@ def save_phantom_figure(path: str | os.PathLike, seed: int = 0, num_slices: int 
         path: Output PNG path.
         seed: Data-set seed.
         num_slices: Slices per case the positions are drawn from.
-        n: Number of panels (different cases, spread over slice positions).
+        n: Number of panels, four a row: cases 1 to ``n``, their slice positions
+            spread evenly from the first to the last.
 
     Returns:
         The written path.
     """
-    # Lazy, and via Figure rather than pyplot: the library must work without
-    # matplotlib, and must not switch the caller's global backend.
-    from matplotlib.figure import Figure
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = 4
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4.0 * cols, 2.45 * rows), facecolor="black")
-    for i, ax in enumerate(np.atleast_1d(fig.subplots(rows, cols)).ravel()):
-        ax.axis("off")
-        if i >= n:
-            continue
+    tiles = []
+    for i in range(n):
         case_id = 1 + i
         width, _ = case_layout(case_id, seed)
         slice_idx = round(i * (num_slices - 1) / max(n - 1, 1))
         image, _ = phantom_slice(case_id, slice_idx, num_slices, width, seed)
-        ax.imshow(image.T, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99)), interpolation="bilinear")
-        ax.set_title(f"case {case_id:03d} slice {slice_idx}/{num_slices - 1} ({width} px)", color="white", fontsize=9)
-    fig.tight_layout(pad=0.4)
-    fig.savefig(path, dpi=110, facecolor="black")
+        tiles.append(to_uint8(image, 0.0, float(np.percentile(image, 99))))
+    columns = 4
+    save_grid(path, [tiles[i : i + columns] for i in range(0, n, columns)])
     return path

@@ -41,7 +41,6 @@ def _trainer_losses(compile_on: bool, data: Path, out: Path, iterations: int = 3
             "compile": compile_on,
             "channels": [16, 32],
             "num_res_channels": [16, 16],
-            "num_res_layers": 1,  # compiling is most of this test's time; one residual unit a level covers the code
             "num_embeddings": 64,
             "embedding_dim": 16,
             "engine_compile_kwargs": "$@bundle.engine.compiling.with_eager_fallback(@compile_kwargs)",

@@ -84,8 +84,8 @@ def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subp
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
     """Both stages of a tiny bundle trained through MONAI's runner: 2 epochs, then the same command re-run with
-    ``--max_epochs 3`` (a resume). Shared by the workflow and anomaly tests; copy ``models`` before writing to it
-    (:func:`copy_models`)."""
+    ``--max_epochs 3`` (a resume). Shared by the workflow, anomaly and reliability tests; copy ``models`` before
+    writing to it (:func:`copy_models`)."""
     out = tmp_path_factory.mktemp("tiny_bundle")
     common = [
         "--dataset_dir",
@@ -104,7 +104,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> 
     configs = "configs/inference.json,configs/train_vqvae.json,configs/train_prior.json"
     first = run_bundle("training", configs, "--max_epochs", 2, *common)
     second = run_bundle("training", configs, "--max_epochs", 3, *common)
-    return {"out": out, "common": common, "first": first, "second": second}
+    return {"out": out, "first": first, "second": second}
 
 
 def copy_models(bundle: dict, destination: Path) -> Path:

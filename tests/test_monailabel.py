@@ -240,7 +240,8 @@ def test_anomaly_map_and_mask_keep_the_input_geometry(served: dict) -> None:
 
 def test_generate_reports_its_seed(served: dict) -> None:
     server = served["summary"]["server"]
-    assert server["generate_seed_7"]["seed"] == 7 and server["generate_seed_7"]["temperature"] == 0.6
+    default_temperature = json.loads((ROOT / "configs" / "sample.json").read_text())["temperature"]
+    assert server["generate_seed_7"]["seed"] == 7 and server["generate_seed_7"]["temperature"] == default_temperature
     assert isinstance(server["generate_random"]["seed"], int) and server["generate_random"]["seed"] >= 0
 
 

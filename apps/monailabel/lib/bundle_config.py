@@ -55,6 +55,11 @@ def ensure_importable(bundle_dir: str) -> None:
         sys.path.insert(0, bundle_dir)
 
 
+def sampling_temperature(bundle_dir: str) -> float:
+    """The default sampling temperature of the bundle: ``temperature`` in ``configs/sample.json``."""
+    return float(ConfigParser.load_config_file(os.path.join(bundle_dir, "configs", "sample.json"))["temperature"])
+
+
 def inference_config(bundle_dir: str, overrides: dict[str, Any]) -> ConfigParser:
     """``configs/inference.json`` with ``bundle_root`` set to ``bundle_dir`` (its paths are then absolute)."""
     parser = ConfigParser()

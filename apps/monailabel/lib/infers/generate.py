@@ -18,7 +18,7 @@ from monai.utils import convert_to_tensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.bundle_config import ensure_importable, inference_config
+from lib.bundle_config import ensure_importable, inference_config, sampling_temperature
 from lib.errors import RequestError
 from lib.nifti import write_like_input
 
@@ -63,7 +63,7 @@ class GenerateInfer(BasicInferTask):
     """Samples one slice from the prior (``bundle.stage2_prior.generation.generate``), padded or cropped to the request
     image's size (as ``Invertd`` does for a reconstruction) and written with its affine.
 
-    Request params: ``temperature`` (float, default 0.6 as in ``configs/sample.json``), ``seed`` (int; -1 or
+    Request params: ``temperature`` (float, default: ``temperature`` in the bundle's ``configs/sample.json``), ``seed`` (int; -1 or
     absent: a fresh random seed, reported back in the result), ``label`` (class of a conditioned prior; -1 or
     absent: class 0; ignored when the prior has no classes).
     Weights: ``<bundle>/models/model.pt`` and ``<bundle>/models/prior/prior.pt``, loaded strictly.
@@ -79,7 +79,8 @@ class GenerateInfer(BasicInferTask):
         self.num_classes = int(parser.get_parsed_content("num_classes"))
         self.vqvae_path = parser.get_parsed_content("ckpt_path")
         self.prior_path = parser.get_parsed_content("prior_ckpt_path")
-        config: dict[str, Any] = {"temperature": 0.6, "seed": -1}
+        self.default_temperature = sampling_temperature(bundle_dir)
+        config: dict[str, Any] = {"temperature": self.default_temperature, "seed": -1}
         if self.num_classes:
             config["label"] = -1
         super().__init__(
@@ -122,7 +123,7 @@ class GenerateInfer(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cpu") -> dict[str, Any]:
         import bundle.stage2_prior.generation
 
-        temperature = _temperature(data.get("temperature", 1.0))
+        temperature = _temperature(data.get("temperature", self.default_temperature))
         seed = _optional_int(data.get("seed"), "seed")
         seed = secrets.randbelow(2**31) if seed is None else seed
         label = _optional_int(data.get("label"), "label") if self.num_classes else None

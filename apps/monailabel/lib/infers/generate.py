@@ -63,9 +63,9 @@ class GenerateInfer(BasicInferTask):
     """Samples one slice from the prior (``bundle.stage2_prior.generation.generate``), padded or cropped to the request
     image's size (as ``Invertd`` does for a reconstruction) and written with its affine.
 
-    Request params: ``temperature`` (float, default: ``temperature`` in the bundle's ``configs/sample.json``), ``seed`` (int; -1 or
-    absent: a fresh random seed, reported back in the result), ``label`` (class of a conditioned prior; -1 or
-    absent: class 0; ignored when the prior has no classes).
+    Request params: ``temperature`` (float, default: ``temperature`` in the bundle's ``configs/sample.json``),
+    ``seed`` (int; -1 or absent: a fresh random seed, reported back in the result), ``label`` (class of a conditioned
+    prior; -1 or absent: class 0; ignored when the prior has no classes).
     Weights: ``<bundle>/models/model.pt`` and ``<bundle>/models/prior/prior.pt``, loaded strictly.
     """
 

@@ -17,24 +17,19 @@ from conftest import TINY_NETWORK, run_bundle
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_bundle: dict) -> dict:
-    return tiny_bundle
-
-
 def _logs(result) -> str:
     return result.stdout + result.stderr
 
 
-def test_training_writes_weights_checkpoints_and_logs(trained: dict) -> None:
-    out = trained["out"]
+def test_training_writes_weights_checkpoints_and_logs(tiny_bundle: dict) -> None:
+    out = tiny_bundle["out"]
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_final.pt").is_file()
     state = torch.load(out / "models" / "model.pt", weights_only=True)
     assert state["top_quantizer.embedding.weight"].shape == state["bottom_quantizer.embedding.weight"].shape == (64, 16)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     checkpoints = sorted(p.name for p in (out / "outputs" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["checkpoint_epoch=3.pt"], "n_saved=1 keeps only the newest resumable checkpoint"
-    log = _logs(trained["first"])
+    log = _logs(tiny_bundle["first"])
     assert re.search(r"Epoch\[2\] Metrics -- .*val_ssim", log)
     ssim = [float(v) for v in re.findall(r"Metrics -- .*val_ssim: (-?[0-9.]+)", log)]
     assert len(ssim) == 2 and all(-1.0 <= v <= 1.0 for v in ssim)
@@ -42,19 +37,19 @@ def test_training_writes_weights_checkpoints_and_logs(trained: dict) -> None:
     assert len(usage) == 2 * 2 and all(0.0 < v <= 1.0 for v in usage)  # two epochs, two codebooks
 
 
-def test_rerun_resumes_from_the_last_checkpoint(trained: dict) -> None:
-    log = _logs(trained["second"])
+def test_rerun_resumes_from_the_last_checkpoint(tiny_bundle: dict) -> None:
+    log = _logs(tiny_bundle["second"])
     assert "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log and "Epoch[2] Metrics" not in log
-    checkpoint = torch.load(trained["out"] / "outputs" / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=True)
+    checkpoint = torch.load(tiny_bundle["out"] / "outputs" / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 3 * (18 // 4) and checkpoint["trainer"]["epoch_length"] == 18 // 4
     assert "state" in checkpoint["optimizer"] and checkpoint["optimizer"]["state"]
 
 
-def test_tensorboard_has_losses_metrics_codebook_and_images(trained: dict) -> None:
+def test_tensorboard_has_losses_metrics_codebook_and_images(tiny_bundle: dict) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars, images = set(), set()
-    for events in (trained["out"] / "outputs" / "tensorboard").glob("events.out.tfevents.*"):
+    for events in (tiny_bundle["out"] / "outputs" / "tensorboard").glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
         accumulator.Reload()
         scalars |= set(accumulator.Tags()["scalars"])
@@ -70,8 +65,8 @@ def test_tensorboard_has_losses_metrics_codebook_and_images(trained: dict) -> No
     assert any(tag.startswith("input_0") for tag in images) and any(tag.startswith("output") for tag in images)
 
 
-def test_evaluating_writes_metrics_csv_and_grid(trained: dict, phantom_dir: Path) -> None:
-    out = trained["out"]
+def test_evaluating_writes_metrics_csv_and_grid(tiny_bundle: dict, phantom_dir: Path) -> None:
+    out = tiny_bundle["out"]
     run_bundle(
         "evaluating",
         "configs/inference.json,configs/evaluate.json",
@@ -93,7 +88,7 @@ def test_evaluating_writes_metrics_csv_and_grid(trained: dict, phantom_dir: Path
     assert grid.size[0] > 3 * 256 and grid.size[1] > 6 * 128 * 0.9
 
 
-def test_inference_keeps_each_input_geometry(trained: dict, tmp_path: Path) -> None:
+def test_inference_keeps_each_input_geometry(tiny_bundle: dict, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -105,7 +100,7 @@ def test_inference_keeps_each_input_geometry(trained: dict, tmp_path: Path) -> N
     }
     for name, shape in shapes.items():
         nib.save(nib.Nifti1Image((rng.random(shape) * 1000).astype(np.float32), affine), inputs / name)
-    out = trained["out"]
+    out = tiny_bundle["out"]
     run_bundle(
         "inference",
         "configs/inference.json",

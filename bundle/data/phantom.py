@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from bundle.engine.io import nifti_gz_bytes, save_grid, to_uint8
+from bundle.engine.io import nifti_gz_bytes, save_tiles, to_uint8
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -909,6 +909,5 @@ def save_phantom_figure(path: str | os.PathLike, seed: int = 0, num_slices: int 
         slice_idx = round(i * (num_slices - 1) / max(n - 1, 1))
         image, _ = phantom_slice(case_id, slice_idx, num_slices, width, seed)
         tiles.append(to_uint8(image, 0.0, float(np.percentile(image, 99))))
-    columns = 4
-    save_grid(path, [tiles[i : i + columns] for i in range(0, n, columns)])
+    save_tiles(path, tiles, columns=4)
     return path

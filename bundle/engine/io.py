@@ -110,10 +110,14 @@ def to_uint8(image: torch.Tensor | np.ndarray, low: float = 0.0, high: float = 1
     return (np.clip((array - low) / (high - low), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def save_tiles(path: str | os.PathLike, tiles: Sequence[np.ndarray], columns: int = 4) -> None:
+    """Writes uint8 2D tiles as a PNG grid of ``columns`` tiles a row (see :func:`save_grid`)."""
+    save_grid(path, [tiles[i : i + columns] for i in range(0, len(tiles), columns)])
+
+
 def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int = 4) -> None:
     """Writes images ``[N, 1, H, W]`` in ``[0, 1]`` as a PNG grid of ``columns`` tiles a row (see :func:`save_grid`)."""
-    tiles = [to_uint8(image[0]) for image in images]
-    save_grid(path, [tiles[i : i + columns] for i in range(0, len(tiles), columns)])
+    save_tiles(path, [to_uint8(image[0]) for image in images], columns)
 
 
 def tile_canvas(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:

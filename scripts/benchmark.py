@@ -54,6 +54,10 @@ from the layered stage configs with ``monai.bundle.ConfigParser``. What is measu
 11. **Vector quantiser**: one training-mode call (nearest codes, EMA update, commitment loss) of the bundle's
     ``ScriptableEMAQuantizer`` against MONAI's ``EMAQuantizer`` with the same state, on the bottom level's encoder
     output for one training batch, interleaved round after round; whether both chose the same codes.
+12. **Memorisation SSIM** (the generation metrics' nearest training slice of each sample): the bundle's
+    ``nearest_ssim`` against MONAI's ``compute_ssim_and_cs`` over the same sample-reference pairs (channel-stacked,
+    four references a call), 16 samples of the config's image size against 64 references (16 with ``--quick``),
+    interleaved round after round; the largest difference of the two results.
 
 The machine may be shared, so 1, 3, 4, 7 and 9 are measured side by side in ONE trainer run: after every trainer
 iteration, a handler runs one plain-loop iteration, one batch of the data pipeline and the next three of the
@@ -539,6 +543,7 @@ def run(args: argparse.Namespace, work: str) -> dict:
     log("sampling done")
 
     quantizer = quantizer_benchmark(config, plan, device)
+    memorisation = memorisation_ssim_benchmark(config, plan)
     log(f"quantiser: {quantizer['speedup']:.2f}x MONAI's")
 
     omp = None
@@ -581,6 +586,7 @@ def run(args: argparse.Namespace, work: str) -> dict:
         "inference": inference,
         "sampling": sampling,
         "quantizer": quantizer,
+        "memorisation_ssim": memorisation,
         "omp_wait_policy": omp,
         "wall_s": time.perf_counter() - T0,
     }
@@ -1054,6 +1060,56 @@ def quantizer_benchmark(config, plan: Plan, device: torch.device) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------- 12: memorisation SSIM ---
+def monai_nearest_ssim(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Each sample's best SSIM to the references with MONAI's ``compute_ssim_and_cs``, the samples stacked as
+    channels against four references at a time (the bundle's method before version 0.4.5)."""
+    from monai.metrics import SSIMMetric
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    cfg = SSIMMetric(spatial_dims=2, data_range=1.0)
+    n, _, h, w = samples.shape
+    stacked = samples.reshape(1, n, h, w)
+    best = torch.full((n,), -math.inf)
+    for refs in references.split(4):
+        ssim_map, _ = compute_ssim_and_cs(
+            stacked.expand(len(refs), -1, -1, -1),
+            refs.repeat(1, n, 1, 1),
+            2,
+            cfg.kernel_size,
+            cfg.kernel_sigma,
+            cfg.data_range,
+            cfg.kernel_type,
+            cfg.k1,
+            cfg.k2,
+        )
+        best = torch.maximum(best, ssim_map.flatten(2).mean(-1).max(0).values)
+    return best
+
+
+def memorisation_ssim_benchmark(config, plan: Plan) -> dict:
+    """s per call of the bundle's ``nearest_ssim`` and of the MONAI-function reference, same images, interleaved."""
+    from bundle.evaluation.metrics import nearest_ssim
+
+    generator = torch.Generator().manual_seed(0)
+    size = config.get_parsed_content("image_size")
+    references = torch.rand(16 if plan.cases[0] < 10 else 64, 1, *size, generator=generator)
+    samples = torch.cat([references[:2] * 0.9, torch.rand(14, 1, *size, generator=generator)])
+    jobs = {
+        "bundle": lambda: nearest_ssim(samples, references),
+        "monai": lambda: monai_nearest_ssim(samples, references),
+    }
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(max(3, plan.inference_rounds)):
+        for name, job in jobs.items():
+            times[name].append(per_call_s(job, 1))
+    out = {f"{name}_s": median(v) for name, v in times.items()}
+    out.update(samples=len(samples), references=len(references), image_size=list(size))
+    out["speedup"] = out["monai_s"] / out["bundle_s"]
+    out["max_abs_difference"] = float((jobs["bundle"]() - jobs["monai"]()).abs().max())
+    return out
+
+
 # ------------------------------------------------------------------------------------------ 8: OpenMP policy ---
 def omp_probe_child(batch_size: int, args: argparse.Namespace) -> dict:
     """In a child process: a VQ-VAE-2 training step as the stage-1 config trains (batch ``batch_size``) and a
@@ -1294,6 +1350,13 @@ def table_extras(table: Table, r: dict) -> None:
         "bundle vs MONAI",
         f"{q['bundle_ms']:.1f} vs {q['monai_ms']:.1f} ms",
         f"{q['speedup']:.2f}x, same codes: {q['same_codes']}",
+    )
+    m = r["memorisation_ssim"]
+    table.section(f"12. memorisation SSIM, {m['samples']} samples x {m['references']} references {m['image_size']}")
+    table.row(
+        "bundle vs MONAI function",
+        f"{m['bundle_s']:.2f} vs {m['monai_s']:.2f} s",
+        f"{m['speedup']:.2f}x, largest difference {m['max_abs_difference']:.1e}",
     )
 
 

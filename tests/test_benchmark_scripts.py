@@ -124,6 +124,11 @@ def test_quantiser_against_monai(report: dict) -> None:
     assert _finite_positive(quantizer["bundle_ms"]) and _finite_positive(quantizer["monai_ms"])
     assert quantizer["speedup"] == pytest.approx(quantizer["monai_ms"] / quantizer["bundle_ms"])
     assert quantizer["input_shape"][2:] == report["settings"]["latent_shapes"][1] and quantizer["same_codes"] is True
+    memorisation = report["memorisation_ssim"]
+    assert _finite_positive(memorisation["bundle_s"]) and _finite_positive(memorisation["monai_s"])
+    assert memorisation["speedup"] == pytest.approx(memorisation["monai_s"] / memorisation["bundle_s"])
+    assert memorisation["image_size"] == report["settings"]["image_size"] and memorisation["samples"] == 16
+    assert memorisation["max_abs_difference"] < 1e-5  # the same SSIM values
 
 
 def test_sampling_each_level_fast_is_exact_and_faster(report: dict) -> None:

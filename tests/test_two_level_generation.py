@@ -19,6 +19,7 @@ from bundle.evaluation.generation_report import (
     vqvae2_feature_maps,
 )
 from bundle.stage1_vqvae.vqvae2 import VQVAE2
+from bundle.stage2_prior import generation
 from bundle.stage2_prior.codes import encode_dataset
 from bundle.stage2_prior.generation import generate, save_samples
 from bundle.stage2_prior.sample_grid import SampleGridWriter
@@ -159,4 +160,24 @@ def test_save_samples_and_grid_writer(tmp_path: Path) -> None:
     engine = Engine(lambda e, b: None)
     writer.attach(engine)
     engine.run([0], max_epochs=1)
+    assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("max_epochs, expected_epochs", [(4, [2, 4]), (5, [2, 4, 5])])
+def test_grid_writer_draws_each_epoch_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_epochs: int, expected_epochs: list[int]
+) -> None:
+    """A grid every ``interval`` epochs and at the end, but a run that ends on such an epoch draws it once."""
+    vqvae, prior = make_pair()
+    engine = Engine(lambda e, b: None)
+    drawn = []
+
+    def counting_generate(*args, **kwargs):
+        drawn.append(engine.state.epoch)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counting_generate)
+    SampleGridWriter(vqvae, prior, None, str(tmp_path / "grid.png"), num_samples=1, interval=2).attach(engine)
+    engine.run([0], max_epochs=max_epochs)
+    assert drawn == expected_epochs
     assert (tmp_path / "grid.png").is_file()

@@ -1,14 +1,15 @@
 """Generation metrics for the VQ-VAE + PixelCNN bundle, as plain functions over tensors.
 
 Where MONAI already implements a metric it is used directly (``monai.metrics.fid.get_fid_score`` for FID,
-``SSIMMetric`` / ``compute_ssim_and_cs`` for SSIM, ``MultiScaleSSIMMetric`` for MS-SSIM); this module only adds
-what MONAI lacks:
+``MultiScaleSSIMMetric`` for MS-SSIM, ``SSIMMetric``'s configuration for SSIM); this module only adds what MONAI
+lacks:
 
 * ``encoder_features``: feature vectors for FID/KID from the bundle's own (frozen) encoder, since no pretrained
   Inception/RadImageNet weights can be downloaded for this project.
 * ``kid``: Kernel Inception Distance, which MONAI does not provide.
 * ``mean_pairwise_ms_ssim``: sample diversity (pair selection + MONAI MS-SSIM).
-* ``nearest_ssim``: memorisation check (one-vs-many SSIM, batched for CPU speed).
+* ``nearest_ssim``: memorisation check (one-vs-many SSIM; MONAI's formula, with the per-image filtering done once
+  per image rather than once per pair, for CPU speed).
 * ``code_histogram_distance`` / ``codebook_usage``: statistics over VQ code indices (the Jensen-Shannon divergence
   by ``scipy.spatial.distance.jensenshannon``).
 
@@ -24,9 +25,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 from monai.metrics.fid import get_fid_score
-from monai.metrics.regression import compute_ssim_and_cs
 from scipy.spatial.distance import jensenshannon
 from torch import Tensor
 
@@ -292,27 +293,42 @@ def mean_pairwise_ms_ssim(images: Tensor, max_pairs: int = 200, kernel_size: int
     return value
 
 
+def _gaussian_1d(size: int, sigma: float) -> Tensor:
+    """The 1D factor of MONAI's separable SSIM window (``monai.metrics.regression._gaussian_kernel``)."""
+    dist = torch.arange((1 - size) / 2, (1 + size) / 2, 1.0)
+    gauss = torch.exp(-torch.pow(dist / sigma, 2) / 2)
+    return gauss / gauss.sum()
+
+
+def _gaussian_filter(maps: Tensor, window: tuple[Tensor, Tensor]) -> Tensor:
+    """``[N, H, W]`` maps filtered by the separable window (valid part, ``[N, H', W']``), depthwise over N."""
+    n = maps.shape[0]
+    rows, columns = (k.to(maps) for k in window)
+    x = F.conv2d(maps.unsqueeze(0), rows.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)
+    return F.conv2d(x, columns.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n).squeeze(0)
+
+
 @torch.no_grad()
 def nearest_ssim(samples: Tensor, references: Tensor, batch_size: int = 64) -> Tensor:
     """Memorisation check: for each sample, the highest SSIM to any reference image.
 
     SSIM is MONAI's (``SSIMMetric(spatial_dims=2, data_range=1.0)`` defaults: Gaussian 11x11 window, sigma 1.5,
-    k1=0.01, k2=0.03), computed with the same function ``SSIMMetric`` uses (``compute_ssim_and_cs``) and the same
-    reduction (mean over channels and pixels). Values near 1 flag samples that copy a training image.
+    k1=0.01, k2=0.03, mean over channels and pixels; equal to ``SSIMMetric`` within 1e-5, tested). Values near 1
+    flag samples that copy a training image.
 
-    Speed: a naive loop over ``N x R`` pairs with ``SSIMMetric`` takes ~35 s for 16 x 1000 256x128 images on 2 CPU
-    cores. Here a chunk of samples is stacked along the *channel* axis and broadcast against a small batch of
-    references (each reference repeated along channels). MONAI's SSIM filters channels independently (depthwise
-    convolution), so each channel holds exactly one sample-reference SSIM map, and PyTorch's depthwise CPU kernel
-    is several times faster with many channels than with a large batch of 1-channel images (~7 s for 16 x 1000).
+    Speed: of the five filtered maps of MONAI's ``compute_ssim_and_cs`` (x, y, x², y², xy), only ``xy`` depends on
+    the pair, so the others are filtered once per image; the Gaussian window is separable (two 11-tap passes instead
+    of 121 taps), and the pair products are filtered as channels of one depthwise convolution, which PyTorch's CPU
+    kernel runs several times faster than a large batch of 1-channel images. 48 samples against 320 references of
+    256 x 128 take about 4 s on 2 CPU cores, against 16 s with ``compute_ssim_and_cs`` on channel-stacked pairs.
 
     Args:
         samples: ``[N, C, H, W]`` generated images in ``[0, 1]``.
         references: ``[R, C, H, W]`` reference (training) images in ``[0, 1]``; moved batch-wise to
             ``samples.device``, so they may stay on CPU.
-        batch_size: number of sample-reference pairs per vectorised SSIM call (bounds peak memory to roughly
-            ``15 * batch_size * C * H * W * 4`` bytes): up to ``batch_size`` samples are stacked along channels and
-            ``max(1, batch_size // samples_in_chunk)`` references are compared against them at once.
+        batch_size: about this many sample-reference pairs are filtered at once: every sample against
+            ``max(1, batch_size // N)`` references (peak memory about ``6 * that many pairs * C * H * W * 4``
+            bytes).
 
     Returns:
         Float32 CPU tensor ``[N]``: for each sample, the maximum SSIM over all references.
@@ -331,37 +347,27 @@ def nearest_ssim(samples: Tensor, references: Tensor, batch_size: int = 64) -> T
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
-    # Take the SSIM configuration from an SSIMMetric instance so the numbers match MONAI's metric by construction.
-    cfg = SSIMMetric(spatial_dims=2, data_range=1.0)
+    cfg = SSIMMetric(spatial_dims=2, data_range=1.0)  # the configuration of MONAI's metric, taken from it
+    window = tuple(_gaussian_1d(size, sigma) for size, sigma in zip(cfg.kernel_size, cfg.kernel_sigma))
+    c1, c2 = (cfg.k1 * cfg.data_range) ** 2, (cfg.k2 * cfg.data_range) ** 2
     n, c, h, w = samples.shape
-    device = samples.device
-    sample_chunk = min(n, batch_size)
-    ref_chunk = max(1, batch_size // sample_chunk)
-
-    best = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
-    for s0 in range(0, n, sample_chunk):
-        s = samples[s0 : s0 + sample_chunk].float()
-        ns = s.shape[0]
-        # [1, ns*C, H, W]: channel k*C + ch is channel ch of sample k.
-        s_stacked = s.reshape(1, ns * c, h, w)
-        for r0 in range(0, references.shape[0], ref_chunk):
-            r = references[r0 : r0 + ref_chunk].to(device=device, dtype=torch.float32)
-            nr = r.shape[0]
-            # Each reference repeated once per sample so its channels line up with s_stacked's channel layout.
-            ssim_map, _ = compute_ssim_and_cs(
-                y_pred=s_stacked.expand(nr, -1, -1, -1),
-                y=r.repeat(1, ns, 1, 1),
-                spatial_dims=2,
-                kernel_size=cfg.kernel_size,
-                kernel_sigma=cfg.kernel_sigma,
-                data_range=cfg.data_range,
-                kernel_type=cfg.kernel_type,
-                k1=cfg.k1,
-                k2=cfg.k2,
-            )
-            # [nr, ns, C*h'*w'] -> mean over channels and pixels == SSIMMetric's per-pair value.
-            scores = ssim_map.reshape(nr, ns, -1).mean(dim=-1)
-            best[s0 : s0 + ns] = torch.maximum(best[s0 : s0 + ns], scores.max(dim=0).values)
+    flat = samples.float().reshape(n * c, h, w)
+    mu_s = _gaussian_filter(flat, window)
+    var_s = _gaussian_filter(flat * flat, window) - mu_s**2
+    mu_s, var_s = (m.view(1, n, c, *m.shape[-2:]) for m in (mu_s, var_s))
+    best = torch.full((n,), -math.inf, dtype=torch.float32, device=samples.device)
+    chunk = max(1, batch_size // n)
+    for r0 in range(0, references.shape[0], chunk):
+        refs = references[r0 : r0 + chunk].to(device=samples.device, dtype=torch.float32)
+        nr = refs.shape[0]
+        mu_r = _gaussian_filter(refs.reshape(nr * c, h, w), window)
+        var_r = _gaussian_filter(refs.reshape(nr * c, h, w) ** 2, window) - mu_r**2
+        mu_r, var_r = (m.view(nr, 1, c, *m.shape[-2:]) for m in (mu_r, var_r))
+        products = (refs.view(nr, 1, c, h, w) * flat.view(1, n, c, h, w)).reshape(nr * n * c, h, w)
+        covariance = _gaussian_filter(products, window).view(nr, n, c, *mu_s.shape[-2:]) - mu_r * mu_s
+        luminance = (2 * mu_r * mu_s + c1) / (mu_r**2 + mu_s**2 + c1)
+        ssim = luminance * (2 * covariance + c2) / (var_r + var_s + c2)
+        best = torch.maximum(best, ssim.flatten(2).mean(-1).max(0).values)
     return best.cpu()
 
 

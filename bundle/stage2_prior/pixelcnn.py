@@ -334,6 +334,8 @@ class GatedLayer(nn.Module):
             horizontal input unchanged), which keeps every parameter in use.
         cond_channels: channels of the spatial conditioning features (0 for none), projected by 1x1
             convolutions into both gates.
+        dropout: dropout probability on the horizontal gate's output in training (it feeds the residual output
+            and the skip); 0 for none.
     """
 
     def __init__(
@@ -344,6 +346,7 @@ class GatedLayer(nn.Module):
         num_classes: int = 0,
         is_last: bool = False,
         cond_channels: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.mask_type = mask_type
@@ -352,6 +355,7 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = None if is_last else nn.Conv2d(channels, channels, 1)
         self.h_skip = nn.Conv2d(channels, channels, 1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # a residual in the type-A layer would pass the current position's own code through
         self.residual = mask_type == "B"
         self.num_classes = num_classes
@@ -387,7 +391,7 @@ class GatedLayer(nn.Module):
             v_pre = v_pre + self.cond_proj_v(cond)
             h_pre = h_pre + self.cond_proj_h(cond)
         h_pre = h_pre + self.v_to_h(down_shift(v_pre))
-        g = gate(h_pre)
+        g = self.dropout(gate(h_pre))
         if self.h_out is None:
             return v, h, self.h_skip(g)
         h_out = self.h_out(g)
@@ -410,6 +414,8 @@ class GatedPixelCNN(nn.Module):
             spatial conditioning.
         cond_channels: feature channels of the conditioning stack (used when ``cond_embeddings > 0``).
         cond_blocks: residual blocks of the conditioning stack (used when ``cond_embeddings > 0``).
+        dropout: dropout probability inside every gated layer in training (see :class:`GatedLayer`), in
+            ``[0, 1)``; sampling and evaluation run in eval mode, without it.
     """
 
     def __init__(
@@ -423,8 +429,11 @@ class GatedPixelCNN(nn.Module):
         cond_embeddings: int = 0,
         cond_channels: int = 32,
         cond_blocks: int = 2,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         if num_embeddings < 1 or channels < 1 or num_layers < 1 or head_channels < 1 or num_classes < 0:
             raise ValueError("num_embeddings, channels, num_layers, head_channels must be >= 1, num_classes >= 0.")
         if kernel_size < 3 or kernel_size % 2 == 0:
@@ -450,6 +459,7 @@ class GatedPixelCNN(nn.Module):
                 num_classes,
                 is_last=i == num_layers - 1,
                 cond_channels=self.cond_channels,
+                dropout=dropout,
             )
             for i in range(num_layers)
         )

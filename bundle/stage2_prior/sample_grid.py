@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 class SampleGridWriter:
-    """Every ``interval`` epochs (and at the end), samples slices from the prior and logs them as a grid.
+    """Every ``interval`` epochs (and at the end, unless the last epoch already drew one), samples slices from the
+    prior and logs them as a grid.
 
     Args:
         vqvae: the frozen two-level VQ-VAE that decodes the codes.
@@ -45,6 +46,7 @@ class SampleGridWriter:
         self.latent_shapes = None if latent_shapes is None else tuple(tuple(shape) for shape in latent_shapes)
         self.path, self.log_dir = path, log_dir
         self.num_samples, self.interval, self.temperature, self.seed = num_samples, interval, temperature, seed
+        self.drawn_at_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         """Registers the sampling events."""
@@ -55,6 +57,9 @@ class SampleGridWriter:
     def __call__(self, engine: Engine) -> None:
         from bundle.stage2_prior.generation import generate
 
+        if engine.state.epoch == self.drawn_at_epoch:  # the run ends on an epoch whose grid is drawn: same weights
+            return
+        self.drawn_at_epoch = engine.state.epoch
         images, _, _ = generate(
             self.vqvae, self.prior, self.num_samples, self.temperature, self.seed, latent_shapes=self.latent_shapes
         )

@@ -36,12 +36,13 @@ __all__ = [
 LEVELS = ("top", "bottom")
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    """``(top, bottom)`` from one int for both or a pair."""
+def _pair(value: int | Sequence[int], name: str, kind: type = int) -> tuple:
+    """``(top, bottom)`` from one value for both or a pair; ``kind`` int also refuses floats, float takes both."""
     pair = ensure_tuple_rep(value, 2)
-    if not all(isinstance(v, int) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints (top, bottom), got {value!r}.")
-    return int(pair[0]), int(pair[1])
+    allowed = (int, float) if kind is float else (int,)
+    if not all(isinstance(v, allowed) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be a {kind.__name__} or a pair of them (top, bottom), got {value!r}.")
+    return kind(pair[0]), kind(pair[1])
 
 
 class TwoLevelPrior(nn.Module):
@@ -64,6 +65,7 @@ class TwoLevelPrior(nn.Module):
         cond_channels: channels of the bottom level's conditioning stack over the top codes. Default 32.
         cond_blocks: residual blocks of that stack at the top map's resolution. Default 2.
         num_classes: class labels for conditioning both levels, 0 for none.
+        dropout: dropout probability inside each level's gated layers in training. Default 0 (none).
         latent_shapes: optional ``((h_t, w_t), (h_b, w_b))``; when given, the bottom shape must be a multiple of
             the top shape and the top prior must see the whole top map (checked here), and samplers use it.
 
@@ -82,15 +84,17 @@ class TwoLevelPrior(nn.Module):
         cond_blocks: int = 2,
         num_classes: int = 0,
         latent_shapes: Sequence[Sequence[int]] | None = None,
+        dropout: float | Sequence[float] = 0.0,
     ) -> None:
         super().__init__()
         embeddings = _pair(num_embeddings, "num_embeddings")
         channels, num_layers = _pair(channels, "channels"), _pair(num_layers, "num_layers")
         kernel_size, head_channels = _pair(kernel_size, "kernel_size"), _pair(head_channels, "head_channels")
+        dropout = _pair(dropout, "dropout", float)
         self.num_embeddings = embeddings
         self.num_classes = num_classes
         self.top = GatedPixelCNN(
-            embeddings[0], channels[0], num_layers[0], kernel_size[0], num_classes, head_channels[0]
+            embeddings[0], channels[0], num_layers[0], kernel_size[0], num_classes, head_channels[0], dropout=dropout[0]
         )
         self.bottom = GatedPixelCNN(
             embeddings[1],
@@ -102,6 +106,7 @@ class TwoLevelPrior(nn.Module):
             cond_embeddings=embeddings[0],
             cond_channels=cond_channels,
             cond_blocks=cond_blocks,
+            dropout=dropout[1],
         )
         self.latent_shapes = None if latent_shapes is None else self._check_shapes(latent_shapes)
 

@@ -192,6 +192,8 @@ def test_writers_are_disabled_on_other_ranks_and_only_writers() -> None:
     )
     for list_id in HANDLER_LISTS:
         for index, handler in enumerate(parser[list_id]):
+            if isinstance(handler, str):  # a reference to a top-level ID, e.g. "@prior_level_stopping"
+                handler = parser[handler.lstrip("@")]
             target = handler["_target_"]
             rank0_only = handler.get("_disabled_") == "@is_not_rank0"
             assert rank0_only == (target in RANK0_ONLY), f"{list_id}::{index} ({target})"

@@ -62,4 +62,50 @@ def test_the_optimizer_must_have_a_group_per_level() -> None:
     with pytest.raises(ValueError, match="no parameter group named"):
         LevelEarlyStopping(prior, torch.optim.Adam(prior.parameters()))
     with pytest.raises(ValueError, match="patience"):
-        LevelEarlyStopping(prior, torch.optim.Adam(groups), patience=0)
+        LevelEarlyStopping(prior, torch.optim.Adam(groups), patience=-1)
+
+
+def test_patience_0_never_stops_a_level() -> None:
+    prior = tiny_prior()
+    handler = LevelEarlyStopping(prior, torch.optim.Adam(level_param_groups(prior)), patience=0)
+    for top in (3.0, 3.5, 4.0, 4.5):
+        _validate(handler, top=top, bottom=5.0)
+    assert not handler.stopped("top") and handler.waited["top"] == 3
+
+
+def test_a_resumed_run_keeps_the_best_of_the_whole_run() -> None:
+    """The state goes into the checkpoint: after a resume (configured learning rates back, so the stopped level
+    trains again) the level stops at the first validation that does not beat its best before the resume, and gets
+    back the weights of that best."""
+    prior = tiny_prior()
+    optimizer = torch.optim.Adam(level_param_groups(prior), lr=1e-2)
+    handler = LevelEarlyStopping(prior, optimizer, patience=2)
+    _validate(handler, top=3.0, bottom=5.0)
+    best_top = _weights(prior.top)
+    for top, bottom in ((3.2, 4.0), (3.4, 3.5)):
+        _train_step(prior, optimizer)
+        _validate(handler, top=top, bottom=bottom)
+    assert handler.stopped("top")
+    checkpoint = {"model": _weights(prior), "optimizer": optimizer.state_dict(), "state": handler.state_dict()}
+
+    # as a resume does: the handler is built first, then the checkpoint loader loads the model, the optimizer (which
+    # replaces its parameter groups) and the handler's state, and puts the configured learning rates back
+    resumed_prior = tiny_prior()
+    resumed_optimizer = torch.optim.Adam(level_param_groups(resumed_prior), lr=1e-2)
+    resumed = LevelEarlyStopping(resumed_prior, resumed_optimizer, patience=2)
+    resumed_prior.load_state_dict(checkpoint["model"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    assert resumed.stopped("top")
+    resumed.load_state_dict(checkpoint["state"])
+    for group in resumed_optimizer.param_groups:
+        group["lr"] = 1e-2
+    assert resumed.best == {"top": 3.0, "bottom": 3.5} and not resumed.stopped("top")
+    _train_step(resumed_prior, resumed_optimizer)  # the top trains again after the resume ...
+    assert any(not torch.equal(best_top[k], v) for k, v in resumed_prior.top.state_dict().items())
+    _validate(resumed, top=3.1, bottom=3.4)  # ... is no better than before the resume: back to the run's best
+    assert resumed.stopped("top") and not resumed.stopped("bottom")
+    for key, value in resumed_prior.top.state_dict().items():
+        assert torch.equal(value, best_top[key]), key
+    _train_step(resumed_prior, resumed_optimizer)  # and it stays there: its learning rate in the optimizer is 0
+    for key, value in resumed_prior.top.state_dict().items():
+        assert torch.equal(value, best_top[key]), f"{key} changed after the top prior stopped again"

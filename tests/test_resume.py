@@ -140,6 +140,50 @@ def test_a_resume_with_unchanged_settings_changes_nothing(tmp_path: Path, caplog
     assert "optimizer lr" not in caplog.text and "iterations per epoch" not in caplog.text
 
 
+class _Counter:
+    """A stateful object that a checkpoint saves and loads besides the model."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_an_entry_that_an_older_checkpoint_lacks_is_left_as_it_is_when_optional(tmp_path: Path, caplog) -> None:
+    from monai.engines import SupervisedTrainer
+
+    _train(tmp_path, 3e-4, batch_size=4, max_epochs=1, resume=False)  # its checkpoint has no "counter"
+    path = latest_checkpoint(tmp_path)
+
+    def resume(optional: tuple) -> _Counter:
+        network = torch.nn.Linear(2, 1)
+        counter = _Counter(7)
+        objects = {"model": network, "optimizer": torch.optim.Adam(network.parameters()), "counter": counter}
+        loader = EngineCheckpointLoader(load_path=path, load_dict=objects, optional=optional)
+        trainer = SupervisedTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[{"image": torch.randn(2), "label": torch.randn(1)}],
+            network=network,
+            optimizer=objects["optimizer"],
+            loss_function=torch.nn.MSELoss(),
+            train_handlers=[loader],
+        )
+        trainer.run()  # already at epoch 1: loads and stops
+        assert set(loader.load_dict) == {"model", "optimizer", "counter", "trainer"}  # the entry is put back
+        return counter
+
+    with caplog.at_level(logging.INFO):
+        assert resume(optional=("counter",)).value == 7
+    assert f"'{path}' has no 'counter' (an older version wrote it)" in caplog.text
+    with pytest.raises(RuntimeError, match="does not fit what it is loaded into"):
+        resume(optional=())
+
+
 def test_the_run_record_of_a_resume_names_the_checkpoint_and_keeps_earlier_runs(tmp_path: Path) -> None:
     from bundle.engine.run_record import record_run
 

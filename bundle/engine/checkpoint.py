@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +250,14 @@ class EngineCheckpointLoader(NamedCheckpointLoader):
 
     Args:
         engine_key: the checkpoint entry of the engine's state.
+        optional: entries of ``load_dict`` that a checkpoint written by an older version may lack; they are then
+            left as they are, and the log says so.
     """
 
-    def __init__(self, *args, engine_key: str = "trainer", **kwargs) -> None:
+    def __init__(self, *args, engine_key: str = "trainer", optional: Sequence[str] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
+        self.optional = tuple(optional)
         self.changes: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -266,7 +269,12 @@ class EngineCheckpointLoader(NamedCheckpointLoader):
         optimizers = _optimizers(self.load_dict)
         configured = [_hyperparameters(optimizer) for optimizer in optimizers]
         epoch_length = engine.state.epoch_length
-        super().__call__(engine)
+        absent = self._absent_optional_entries()
+        kept = {key: self.load_dict.pop(key) for key in absent}
+        try:
+            super().__call__(engine)
+        finally:
+            self.load_dict.update(kept)
         self.changes = []
         for optimizer, settings in zip(optimizers, configured):
             self.changes += _differences(_hyperparameters(optimizer), settings)
@@ -280,6 +288,16 @@ class EngineCheckpointLoader(NamedCheckpointLoader):
                 + "; ".join(self.changes)
                 + "."
             )
+
+    def _absent_optional_entries(self) -> list[str]:
+        """The optional entries that the checkpoint lacks (each logged)."""
+        if not self.optional:
+            return []
+        saved = read_weights_file(self.load_path, map_location="cpu")
+        absent = [key for key in self.optional if key in self.load_dict and key not in saved]
+        for key in absent:
+            self.logger.info(f"'{self.load_path}' has no '{key}' (an older version wrote it): it starts afresh.")
+        return absent
 
     @staticmethod
     def _rebase(engine: Engine, epoch_length: int) -> str:

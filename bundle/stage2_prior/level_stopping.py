@@ -42,13 +42,16 @@ class LevelEarlyStopping:
     checkpoint holds it at its best while the other level trains on.
 
     A learning rate of 0 rather than ``requires_grad_(False)`` keeps DistributedDataParallel's gradient reduction
-    unchanged. A resumed run starts with the configured learning rates (``EngineCheckpointLoader`` puts them back,
-    with a warning naming the change), so a stopped level trains again from its best weights until it stops again.
+    unchanged. Its state (each level's best NLL and weights, the validations waited) goes into the training
+    checkpoint (``state_dict``), so a resumed run keeps the best of the whole run: it starts with the configured
+    learning rates (``EngineCheckpointLoader`` puts them back, with a warning naming the change), a level that had
+    stopped trains again, and at the first validation that does not improve on its best it stops again with the
+    best weights of the whole run.
 
     Args:
         network: the two-level prior, possibly wrapped in DDP.
         optimizer: its optimizer, built on :func:`level_param_groups`.
-        patience: validations without improvement before a level stops.
+        patience: validations without improvement before a level stops; 0 never stops a level.
         metrics: the evaluator's metric name for each level's NLL.
     """
 
@@ -59,23 +62,37 @@ class LevelEarlyStopping:
         patience: int = 2,
         metrics: Mapping[str, str] = LEVEL_METRICS,
     ) -> None:
-        if patience < 1:
-            raise ValueError(f"patience must be at least 1, got {patience}.")
+        if patience < 0:
+            raise ValueError(f"patience must be at least 0 (0: never stop), got {patience}.")
         groups = {group.get("name"): group for group in optimizer.param_groups}
         missing = [level for level in metrics if level not in groups]
         if missing:
             raise ValueError(f"the optimizer has no parameter group named {missing}: build it on level_param_groups.")
-        self.network, self.groups, self.patience, self.metrics = network, groups, patience, dict(metrics)
+        self.network, self.optimizer, self.patience, self.metrics = network, optimizer, patience, dict(metrics)
         self.best = {level: float("inf") for level in metrics}
         self.best_state: dict[str, dict[str, torch.Tensor]] = {}
         self.waited = {level: 0 for level in metrics}
+
+    def state_dict(self) -> dict:
+        """Each level's best NLL, its weights at that point and the validations waited since, for checkpoints."""
+        return {"best": dict(self.best), "waited": dict(self.waited), "best_state": dict(self.best_state)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restores :meth:`state_dict` (from a checkpoint); the weights stay where the checkpoint loader put them."""
+        self.best.update(state["best"])
+        self.waited.update(state["waited"])
+        self.best_state = {level: dict(weights) for level, weights in state["best_state"].items()}
 
     def attach(self, evaluator: Engine) -> None:
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def stopped(self, level: str) -> bool:
         """Whether ``level`` has stopped training."""
-        return self.groups[level]["lr"] == 0
+        return self._group(level)["lr"] == 0
+
+    def _group(self, level: str) -> dict:
+        # looked up each time: the optimizer's load_state_dict (a resume) replaces its group dicts
+        return next(group for group in self.optimizer.param_groups if group.get("name") == level)
 
     def __call__(self, evaluator: Engine) -> None:
         prior = getattr(self.network, "module", self.network)
@@ -87,9 +104,9 @@ class LevelEarlyStopping:
                 self.best_state[level] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 continue
             self.waited[level] += 1
-            if self.waited[level] >= self.patience and not self.stopped(level):
+            if 0 < self.patience <= self.waited[level] and not self.stopped(level):
                 module.load_state_dict(self.best_state[level])
-                self.groups[level]["lr"] = 0.0
+                self._group(level)["lr"] = 0.0
                 logger.info(
                     f"The {level} prior stopped training: {name} {value:.4f} has not improved on {self.best[level]:.4f} "
                     f"for {self.waited[level]} validations; its best weights are restored."

@@ -12,6 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Idle OpenMP threads sleep instead of spinning, here and in every run a test starts: the test workers share the
+# cores, and spinning threads wait whole time slices for each other on a busy CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # pytest.ini runs the tests on two workers: each computes on its share of the cores
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 # Small enough for a 2-core CPU, large enough to exercise every code path. Eager: compiling a network that trains
 # for seconds costs more than it saves; tests/test_compile.py covers the compiled trainer.
@@ -72,7 +80,7 @@ def run_bundle(run_id: str, config: str, *args: str, timeout: int = 600) -> subp
         config_list(config),
         *map(str, args),
     ]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         pytest.fail(

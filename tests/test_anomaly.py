@@ -447,7 +447,8 @@ def test_anomaly_workflow_writes_maps_with_each_input_geometry(trained: Path, tm
         assert not nib.load(tmp_path / "none" / name.replace(".nii.gz", "_anomaly.nii.gz")).get_fdata().any()
     assert json.loads((trained / "models" / "anomaly_threshold.json").read_text()) == stored
     # calibrating again on purpose, at another quantile: lower thresholds, stored for the same weights
-    run_bundle("calibrating", "configs/inference.json,configs/anomaly.json", "--threshold_quantile", "0.5", *common)
+    calibrate = ["--threshold_quantile", "0.5", "--output_dir", tmp_path / "calibrated", *common]
+    run_bundle("calibrating", "configs/inference.json,configs/anomaly.json", *calibrate)
     median = json.loads((trained / "models" / "anomaly_threshold.json").read_text())
     assert median["quantile"] == 0.5 and median["weights"] == stored["weights"]
     assert median["top"] < stored["top"] and median["bottom"] < stored["bottom"]

@@ -166,7 +166,8 @@ def test_zoo_properties_hold_from_another_directory(phantom_dir, tmp_path) -> No
         "    workflow = ConfigWorkflow(workflow_type=workflow_type, "
         "config_file=[root + '/configs/' + name for name in names], "
         "meta_file=root + '/configs/metadata.json', logging_file=root + '/configs/logging.conf', "
-        f"bundle_root=root, dataset_dir={str(phantom_dir)!r}, output_dir={str(tmp_path / 'out')!r})\n"
+        f"bundle_root=root, dataset_dir={str(phantom_dir)!r}, output_dir={str(tmp_path / 'out')!r}, "
+        f"ckpt_dir={str(tmp_path / 'models')!r})\n"
         "    workflow.initialize()\n"
         "    print('MISSING', workflow_type, workflow.check_properties())\n"
     )

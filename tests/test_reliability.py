@@ -30,6 +30,8 @@ def run_failing(run_id: str, config: str, *args) -> str:
     from monai.bundle import run
 
     overrides = {str(k).lstrip("-"): (str(v) if isinstance(v, Path) else v) for k, v in zip(args[::2], args[1::2])}
+    if "output_dir" in overrides:  # never lock or write the checkout's own models/ (a user's weights, another test)
+        overrides.setdefault("ckpt_dir", str(Path(overrides["output_dir"]) / "models"))
     for key, value in overrides.items():
         if isinstance(value, str) and not value.startswith("$"):
             try:  # what fire does with "64" or "[16, 32]" on a command line

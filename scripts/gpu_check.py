@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     check = Check(args)
     data_dir, runs_dir = check.out_dir / "phantom", check.out_dir / "runs"
-    pytest = "-m pytest -q -rfs -m cuda tests -p no:cacheprovider --continue-on-collection-errors"
+    # one process (-n 0): the CUDA tests share one GPU, and some of them time it
+    pytest = "-m pytest -q -rfs -n 0 -m cuda tests -p no:cacheprovider --continue-on-collection-errors"
     check.command("cuda_tests", [args.python, *shlex.split(pytest)])
     check.command("phantoms", [args.python, "scripts/make_phantoms.py", "--out_dir", str(data_dir)])
     commands = training_commands(args, data_dir, runs_dir)

@@ -94,6 +94,27 @@ def test_encode_dataset_caches_both_levels_by_weights_and_files(tmp_path: Path) 
     assert encode_dataset(net, data, cache, ckpt, "cpu")["bottom"].shape == (5, 8, 4)
 
 
+def test_encode_dataset_mirrored_copies_follow_the_originals_and_key_the_cache(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net, ckpt, cache = TinyTwoLevelVQVAE().eval(), tmp_path / "model.pt", tmp_path / "train.pt"
+    torch.save(net.state_dict(), ckpt)
+    data = _Images(5, labels=True)
+    plain = encode_dataset(net, data, cache, ckpt, "cpu", batch_size=2)
+    for axis in (0, 1):
+        mirrored = encode_dataset(net, data, cache, ckpt, "cpu", batch_size=2, mirror_axis=axis)
+        assert mirrored["key"] != plain["key"], "a mirrored cache must not pass for a plain one"
+        with torch.no_grad():
+            top, bottom = net.index_quantize(data.images.flip(2 + axis))
+        assert torch.equal(mirrored["top"][:5], plain["top"]) and torch.equal(mirrored["bottom"][:5], plain["bottom"])
+        assert torch.equal(mirrored["top"][5:].long(), top) and torch.equal(mirrored["bottom"][5:].long(), bottom)
+        assert not torch.equal(mirrored["bottom"][5:], mirrored["bottom"][:5])  # really mirrored
+        assert mirrored["labels"].tolist() == [0, 1, 2, 0, 1] * 2 and len(mirrored["files"]) == 10
+        assert len(CodeDataset(mirrored)) == 10
+    assert torch.equal(encode_dataset(net, data, cache, ckpt, "cpu")["top"], plain["top"])  # back to plain: re-encoded
+    with pytest.raises(ValueError, match="mirror_axis must be null, 0 or 1"):
+        encode_dataset(net, data, cache, ckpt, "cpu", mirror_axis=2)
+
+
 def test_code_dataset() -> None:
     encoded = {
         "top": torch.randint(0, 6, (4, 4, 2), dtype=torch.int16),

@@ -38,6 +38,7 @@ def encode_dataset(
     ckpt_path: str | os.PathLike,
     device: torch.device | str,
     batch_size: int = 32,
+    mirror_axis: int | None = None,
 ) -> dict[str, Any]:
     """Encodes every image of ``dataset`` to top and bottom codes once, or reuses the cache made from the same
     weights and files.
@@ -54,20 +55,30 @@ def encode_dataset(
         ckpt_path: the VQ-VAE weights file the codes come from (for the cache key).
         device: where to encode.
         batch_size: encoding batch size.
+        mirror_axis: None, or a spatial axis (0 or 1) along which every image is also encoded mirrored: the
+            mirrored copies follow the originals, so ``N`` is twice the data set (a prior's training data; left
+            and right are axis 0 in the HipMRI layout).
 
     Returns:
         ``{"top": int16 [N, h_t, w_t], "bottom": int16 [N, h_b, w_b], "labels": int64 [N] (or empty),
         "files": [...], "key": str}``.
+
+    Raises:
+        ValueError: ``mirror_axis`` is not None, 0 or 1.
     """
     if vqvae.training:
         raise RuntimeError("encode_dataset needs the VQ-VAE in eval mode: in train mode encoding moves the codebook.")
+    if mirror_axis not in (None, 0, 1):
+        raise ValueError(f"mirror_axis must be null, 0 or 1 (a spatial axis of the 2D slices), got {mirror_axis!r}.")
     files = [str(item["image"]) for item in getattr(dataset, "data", [])]
+    if mirror_axis is not None:  # part of the cache key too
+        files += [f"{name} (mirrored along spatial axis {mirror_axis})" for name in files]
     key = hashlib.sha1("\n".join([CACHE_FORMAT, _file_digest(ckpt_path), *files]).encode()).hexdigest()
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         cached = _load_cache(cache_path)
         if not isinstance(cached, dict) or cached.get("key") != key:
-            cached = _encode(vqvae, dataset, device, batch_size, files, key)
+            cached = _encode(vqvae, dataset, device, batch_size, files, key, mirror_axis)
             atomic_torch_save(cached, cache_path)
             shapes = tuple(cached["top"].shape[1:]), tuple(cached["bottom"].shape[1:])
             logger.info(f"Encoded {len(cached['top'])} images to codes {shapes[0]} and {shapes[1]} in {cache_path}")
@@ -97,15 +108,23 @@ def _compact(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(
-    vqvae: torch.nn.Module, dataset: Dataset, device: torch.device | str, batch_size: int, files: list[str], key: str
+    vqvae: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device | str,
+    batch_size: int,
+    files: list[str],
+    key: str,
+    mirror_axis: int | None = None,
 ) -> dict[str, Any]:
     tops, bottoms, labels = [], [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        top, bottom = vqvae.index_quantize(batch["image"].to(device))
-        tops.append(_compact(top))
-        bottoms.append(_compact(bottom))
-        if "label" in batch:
-            labels.append(torch.as_tensor(batch["label"]).long().cpu())
+    for flip_dims in [None] if mirror_axis is None else [None, (2 + mirror_axis,)]:  # [B, C, H, W] images
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+            images = batch["image"].to(device)
+            top, bottom = vqvae.index_quantize(images if flip_dims is None else images.flip(flip_dims))
+            tops.append(_compact(top))
+            bottoms.append(_compact(bottom))
+            if "label" in batch:
+                labels.append(torch.as_tensor(batch["label"]).long().cpu())
     return {
         "top": torch.cat(tops),
         "bottom": torch.cat(bottoms),

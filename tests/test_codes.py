@@ -111,8 +111,9 @@ def test_encode_dataset_mirrored_copies_follow_the_originals_and_key_the_cache(t
         assert mirrored["labels"].tolist() == [0, 1, 2, 0, 1] * 2 and len(mirrored["files"]) == 10
         assert len(CodeDataset(mirrored)) == 10
     assert torch.equal(encode_dataset(net, data, cache, ckpt, "cpu")["top"], plain["top"])  # back to plain: re-encoded
-    with pytest.raises(ValueError, match="mirror_axis must be null, 0 or 1"):
-        encode_dataset(net, data, cache, ckpt, "cpu", mirror_axis=2)
+    for bad in (2, True, "0"):
+        with pytest.raises(ValueError, match="mirror_axis must be null, 0 or 1"):
+            encode_dataset(net, data, cache, ckpt, "cpu", mirror_axis=bad)
 
 
 def test_code_dataset() -> None:

@@ -68,7 +68,7 @@ def encode_dataset(
     """
     if vqvae.training:
         raise RuntimeError("encode_dataset needs the VQ-VAE in eval mode: in train mode encoding moves the codebook.")
-    if mirror_axis not in (None, 0, 1):
+    if mirror_axis is not None and (isinstance(mirror_axis, bool) or mirror_axis not in (0, 1)):
         raise ValueError(f"mirror_axis must be null, 0 or 1 (a spatial axis of the 2D slices), got {mirror_axis!r}.")
     files = [str(item["image"]) for item in getattr(dataset, "data", [])]
     if mirror_axis is not None:  # part of the cache key too

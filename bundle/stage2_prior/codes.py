@@ -116,19 +116,21 @@ def _encode(
     key: str,
     mirror_axis: int | None = None,
 ) -> dict[str, Any]:
-    tops, bottoms, labels = [], [], []
-    for flip_dims in [None] if mirror_axis is None else [None, (2 + mirror_axis,)]:  # [B, C, H, W] images
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-            images = batch["image"].to(device)
-            top, bottom = vqvae.index_quantize(images if flip_dims is None else images.flip(flip_dims))
-            tops.append(_compact(top))
-            bottoms.append(_compact(bottom))
-            if "label" in batch:
-                labels.append(torch.as_tensor(batch["label"]).long().cpu())
-    return {
-        "top": torch.cat(tops),
-        "bottom": torch.cat(bottoms),
-        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+    views = [None] if mirror_axis is None else [None, (2 + mirror_axis,)]  # flip dims of [B, C, H, W] images
+    tops, bottoms = {view: [] for view in views}, {view: [] for view in views}
+    labels = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):  # each file read once
+        images = batch["image"].to(device)
+        for view in views:
+            top, bottom = vqvae.index_quantize(images if view is None else images.flip(view))
+            tops[view].append(_compact(top))
+            bottoms[view].append(_compact(bottom))
+        if "label" in batch:
+            labels.append(torch.as_tensor(batch["label"]).long().cpu())
+    return {  # the mirrored copies follow all the originals
+        "top": torch.cat([codes for view in views for codes in tops[view]]),
+        "bottom": torch.cat([codes for view in views for codes in bottoms[view]]),
+        "labels": torch.cat(labels * len(views)) if labels else torch.zeros(0, dtype=torch.long),
         "files": files,
         "key": key,
     }

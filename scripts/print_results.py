@@ -1,6 +1,8 @@
 """Print the demo's headline figures from ``<output_dir>/reconstruction_metrics.json`` and ``generation_metrics.json``.
 
-Each generation figure is printed beside the same figure for real training slices against real test slices.
+Each generation figure is printed beside the same figure for real training slices against real test slices. A line
+before them gives the epochs each stage trained (from the names of its resumable checkpoints), so a stage that its
+time budget stopped early shows.
 Usage: ``python scripts/print_results.py outputs``.
 """
 
@@ -20,7 +22,7 @@ def summary(output_dir: str | Path) -> list[str]:
     Returns:
         Human-readable lines, one figure each.
     """
-    lines = []
+    lines = trained_epochs_lines(output_dir)
     for name, (config, lines_of) in REPORTS.items():
         path = Path(output_dir) / name
         if path.is_file():
@@ -28,6 +30,17 @@ def summary(output_dir: str | Path) -> list[str]:
         else:
             lines.append(f"No {path}: the 'evaluating' run with {config} writes it")
     return lines
+
+
+def trained_epochs_lines(output_dir: str | Path) -> list[str]:
+    """``Epochs trained: stage 1 20, stage 2 12`` from ``<output_dir>/checkpoints``; nothing without checkpoints."""
+    stages = {"stage 1": Path(output_dir) / "checkpoints", "stage 2": Path(output_dir) / "checkpoints" / "prior"}
+    epochs = {
+        stage: max((int(p.stem.rpartition("=")[2]) for p in folder.glob("checkpoint_epoch=*.pt")), default=None)
+        for stage, folder in stages.items()
+    }
+    found = [f"{stage} {epoch}" for stage, epoch in epochs.items() if epoch is not None]
+    return ["Epochs trained: " + ", ".join(found)] if found else []
 
 
 def reconstruction_lines(r: dict) -> list[str]:

@@ -54,6 +54,31 @@ def test_a_level_that_stops_improving_gets_its_best_weights_back_and_stops_train
     assert any(not torch.equal(bottom_before[k], v) for k, v in prior.bottom.state_dict().items())
 
 
+def _gradients(prior: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    optimizer = torch.optim.SGD(prior.parameters(), lr=0.0)
+    optimizer.zero_grad(set_to_none=True)
+    _train_step(prior, optimizer)
+    return {name: p.grad for name, p in prior.named_parameters()}
+
+
+def test_a_stopped_level_runs_without_gradients_and_the_other_level_gets_the_same_ones() -> None:
+    prior = tiny_prior()
+    handler = LevelEarlyStopping(prior, torch.optim.Adam(level_param_groups(prior)), patience=1)
+    reference = _gradients(prior)
+    _validate(handler, top=3.0, bottom=5.0)
+    _validate(handler, top=3.5, bottom=4.0)  # the top stops
+    assert prior.frozen_levels == {"top"}
+    frozen = _gradients(prior)
+    for name, grad in frozen.items():
+        if name.startswith("top."):
+            assert grad is None, f"{name} got a gradient after the top prior stopped"
+        else:
+            assert torch.equal(grad, reference[name]), name
+    _validate(handler, top=3.6, bottom=4.5)  # the bottom stops too: both keep gradients so backward still runs
+    assert prior.frozen_levels == {"top", "bottom"}
+    assert all(grad is not None for grad in _gradients(prior).values())
+
+
 def test_the_optimizer_must_have_a_group_per_level() -> None:
     prior = tiny_prior()
     groups = level_param_groups(prior)

@@ -47,3 +47,13 @@ def test_a_missing_report_is_named_with_the_workflow_that_writes_it(tmp_path: Pa
     )
     assert "Prior NLL: top 3.956, bottom 2.619 bits/code" in lines and len(lines) == 5
     assert len(print_results.summary(tmp_path / "empty")) == 2
+
+
+def test_the_epochs_each_stage_trained_come_first(tmp_path: Path) -> None:
+    prior = tmp_path / "checkpoints" / "prior"
+    prior.mkdir(parents=True)
+    for path in (tmp_path / "checkpoints" / "checkpoint_epoch=17.pt", prior / "checkpoint_epoch=12.pt"):
+        path.write_bytes(b"")
+    assert print_results.summary(tmp_path)[0] == "Epochs trained: stage 1 17, stage 2 12"
+    (prior / "checkpoint_epoch=12.pt").unlink()
+    assert print_results.summary(tmp_path)[0] == "Epochs trained: stage 1 17"

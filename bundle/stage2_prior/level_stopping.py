@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["LEVEL_METRICS", "LevelEarlyStopping", "level_param_groups"]
 
@@ -42,11 +43,14 @@ class LevelEarlyStopping:
     checkpoint holds it at its best while the other level trains on.
 
     A learning rate of 0 rather than ``requires_grad_(False)`` keeps DistributedDataParallel's gradient reduction
-    unchanged. Its state (each level's best NLL and weights, the validations waited) goes into the training
-    checkpoint (``state_dict``), so a resumed run keeps the best of the whole run: it starts with the configured
-    learning rates (``EngineCheckpointLoader`` puts them back, with a warning naming the change), a level that had
-    stopped trains again, and at the first validation that does not improve on its best it stops again with the
-    best weights of the whole run.
+    unchanged. Without DDP the stopped level is also added to the prior's ``frozen_levels``, so its forward runs
+    without gradients and the backward pass skips it (the other level's gradients and steps are unchanged).
+
+    Its state (each level's best NLL and weights, the validations waited) goes into the training checkpoint
+    (``state_dict``), so a resumed run keeps the best of the whole run: it starts with the configured learning rates
+    (``EngineCheckpointLoader`` puts them back, with a warning naming the change), a level that had stopped trains
+    again, and at the first validation that does not improve on its best it stops again with the best weights of
+    the whole run.
 
     Args:
         network: the two-level prior, possibly wrapped in DDP.
@@ -107,6 +111,8 @@ class LevelEarlyStopping:
             if 0 < self.patience <= self.waited[level] and not self.stopped(level):
                 module.load_state_dict(self.best_state[level])
                 self._group(level)["lr"] = 0.0
+                if not isinstance(self.network, DistributedDataParallel):  # DDP waits for every parameter's gradient
+                    prior.frozen_levels.add(level)
                 logger.info(
                     f"The {level} prior stopped training: {name} {value:.4f} has not improved on {self.best[level]:.4f} "
                     f"for {self.waited[level]} validations; its best weights are restored."

@@ -109,6 +109,7 @@ class TwoLevelPrior(nn.Module):
             dropout=dropout[1],
         )
         self.latent_shapes = None if latent_shapes is None else self._check_shapes(latent_shapes)
+        self.frozen_levels: set[str] = set()
 
     def _check_shapes(self, latent_shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], tuple[int, int]]:
         """Validate ``((h_t, w_t), (h_b, w_b))`` against the architecture and return it as int tuples."""
@@ -136,9 +137,19 @@ class TwoLevelPrior(nn.Module):
             labels: int64 ``[B]`` for a class-conditioned prior, else None.
 
         Returns:
-            ``(top_logits [B, K_t, h_t, w_t], bottom_logits [B, K_b, h_b, w_b])``.
+            ``(top_logits [B, K_t, h_t, w_t], bottom_logits [B, K_b, h_b, w_b])``. A level named in
+            ``frozen_levels`` (a level that stopped training, see
+            :class:`~bundle.stage2_prior.level_stopping.LevelEarlyStopping`) is computed without gradients, which
+            skips its share of the backward pass; when both are frozen both keep their gradients, so a trainer's
+            backward still runs.
         """
-        return self.top(top_codes, labels), self.bottom(bottom_codes, labels, top_codes)
+        frozen = self.frozen_levels if set(LEVELS) - self.frozen_levels else set()
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and "top" not in frozen):
+            top_logits = self.top(top_codes, labels)
+        with torch.set_grad_enabled(grad and "bottom" not in frozen):
+            bottom_logits = self.bottom(bottom_codes, labels, top_codes)
+        return top_logits, bottom_logits
 
 
 class TwoLevelCrossEntropy(nn.Module):

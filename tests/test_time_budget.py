@@ -71,6 +71,15 @@ def test_bad_budgets_are_refused_with_the_config_id(seconds, error) -> None:
         EpochTimeBudget(seconds, "prior_max_train_seconds")
 
 
+def test_a_distributed_run_refuses_a_budget(tmp_path: Path) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="max_train_seconds is for single-process runs"):
+            EpochTimeBudget(60).attach(Engine(lambda engine, batch: None))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_both_stages_stop_at_their_time_limits_through_the_runner(tmp_path: Path, phantom_dir: Path) -> None:
     out = tmp_path / "run"

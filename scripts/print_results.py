@@ -12,6 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bundle.engine.checkpoint import numbered_checkpoints  # noqa: E402
+
 
 def summary(output_dir: str | Path) -> list[str]:
     """The lines to print; a missing metrics file is one line that names it and the workflow that writes it.
@@ -35,11 +39,7 @@ def summary(output_dir: str | Path) -> list[str]:
 def trained_epochs_lines(output_dir: str | Path) -> list[str]:
     """``Epochs trained: stage 1 20, stage 2 12`` from ``<output_dir>/checkpoints``; nothing without checkpoints."""
     stages = {"stage 1": Path(output_dir) / "checkpoints", "stage 2": Path(output_dir) / "checkpoints" / "prior"}
-    epochs = {
-        stage: max((int(p.stem.rpartition("=")[2]) for p in folder.glob("checkpoint_epoch=*.pt")), default=None)
-        for stage, folder in stages.items()
-    }
-    found = [f"{stage} {epoch}" for stage, epoch in epochs.items() if epoch is not None]
+    found = [f"{stage} {saved[-1][0]}" for stage, folder in stages.items() if (saved := numbered_checkpoints(folder))]
     return ["Epochs trained: " + ", ".join(found)] if found else []
 
 

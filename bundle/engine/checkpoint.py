@@ -24,7 +24,8 @@ from bundle.engine.weights import WeightsFileError, read_weights_file
 logger = logging.getLogger(__name__)
 
 
-def _numbered_checkpoints(directory: str | os.PathLike, prefix: str) -> list[tuple[int, str]]:
+def numbered_checkpoints(directory: str | os.PathLike, prefix: str = "checkpoint") -> list[tuple[int, str]]:
+    """``(N, path)`` of every ``<prefix>_epoch=N.pt`` or ``<prefix>_iteration=N.pt`` in ``directory``, by ``N``."""
     pattern = re.compile(rf"{re.escape(prefix)}_(?:epoch|iteration)=(\d+)\.pt$")
     found = []
     if Path(directory).is_dir():
@@ -40,7 +41,7 @@ def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") 
 
     The empty string lets a config write ``"_disabled_": "$not @resume_path"`` for a fresh start.
     """
-    found = _numbered_checkpoints(directory, prefix)
+    found = numbered_checkpoints(directory, prefix)
     return found[-1][1] if found else ""
 
 
@@ -60,7 +61,7 @@ def resume_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") 
     Raises:
         WeightsFileError: checkpoints exist but none loads; names each file and its problem.
     """
-    found = _numbered_checkpoints(directory, prefix)
+    found = numbered_checkpoints(directory, prefix)
     problems = []
     for _, path in reversed(found):
         try:
@@ -86,7 +87,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "ch
     Ignite's ``n_saved`` only knows the files its own process wrote, so a resumed run would otherwise keep
     every earlier run's last checkpoint forever.
     """
-    found = _numbered_checkpoints(directory, prefix)
+    found = numbered_checkpoints(directory, prefix)
     doomed = [path for _, path in found[: max(0, len(found) - keep)]]
     for path in doomed:
         Path(path).unlink(missing_ok=True)

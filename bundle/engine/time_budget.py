@@ -31,7 +31,7 @@ class EpochTimeBudget:
         name: the config ID that sets it, for messages.
 
     Raises:
-        TypeError: if ``seconds`` is not a positive int.
+        TypeError: if ``seconds`` is not an int.
         ValueError: if ``seconds`` is not positive, or (at ``attach``) in a multi-process run, whose processes could
             stop after different epochs.
     """

@@ -17,7 +17,7 @@ from conftest import TINY_NETWORK, TINY_PRIOR, run_bundle
 
 
 class _Clock:
-    """A stand-in for ``time.time`` that each training iteration advances by one second."""
+    """A stand-in for ``time.time``; the stand-in trainer's step (:func:`_trainer`) advances it by one second."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
-from bundle.stage2_prior.level_stopping import LevelEarlyStopping, level_param_groups
+from bundle.stage2_prior.level_stopping import EndWhenLevelsStopped, LevelEarlyStopping, level_param_groups
 
+from conftest import ROOT
 from two_level_stand_in import SHAPES, tiny_prior
 
 
@@ -134,3 +137,40 @@ def test_a_resumed_run_keeps_the_best_of_the_whole_run() -> None:
     _train_step(resumed_prior, resumed_optimizer)  # and it stays there: its learning rate in the optimizer is 0
     for key, value in resumed_prior.top.state_dict().items():
         assert torch.equal(value, best_top[key]), f"{key} changed after the top prior stopped again"
+
+
+def _train_with_validations(validations: list[tuple[float, float]], max_epochs: int) -> tuple[Engine, list[str]]:
+    """A stand-in trainer whose epoch ``e`` ends with the validation ``validations[e - 1]`` (top, bottom NLL), then
+    :class:`EndWhenLevelsStopped`, then a handler that records what ran; patience 1."""
+    prior = tiny_prior()
+    handler = LevelEarlyStopping(prior, torch.optim.Adam(level_param_groups(prior)), patience=1)
+    trainer = Engine(lambda engine, batch: None)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: _validate(handler, *validations[e.state.epoch - 1]))
+    EndWhenLevelsStopped(handler).attach(trainer)
+    ran: list[str] = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ran.append(f"epoch {e.state.epoch}"))
+    trainer.add_event_handler(Events.COMPLETED, lambda e: ran.append("completed"))
+    trainer.run([0], max_epochs=max_epochs)
+    return trainer, ran
+
+
+def test_the_trainer_ends_after_the_epoch_in_which_the_last_level_stopped() -> None:
+    # the top stops after epoch 2, the bottom after epoch 3; epochs 4 to 6 would change no weight
+    validations = [(3.0, 5.0), (3.5, 4.0), (3.6, 4.5), (3.7, 3.0), (3.8, 2.0), (3.9, 1.0)]
+    trainer, ran = _train_with_validations(validations, max_epochs=6)
+    assert trainer.state.epoch == 3
+    assert ran == ["epoch 1", "epoch 2", "epoch 3", "completed"]  # the later handlers of epoch 3 and COMPLETED ran
+
+
+def test_the_trainer_goes_on_while_a_level_still_trains() -> None:
+    validations = [(3.0, 5.0), (3.5, 4.0), (3.6, 3.5), (3.7, 3.0), (3.8, 2.5), (3.9, 2.0)]  # only the top stops
+    trainer, ran = _train_with_validations(validations, max_epochs=6)
+    assert trainer.state.epoch == 6 and ran[-2:] == ["epoch 6", "completed"]
+
+
+def test_stage_2_ends_when_both_levels_have_stopped_after_its_validation() -> None:
+    handlers = json.loads((ROOT / "configs" / "train_prior.json").read_text())["prior_train"]["handlers"]
+    targets = [handler["_target_"] for handler in handlers]
+    end = targets.index("bundle.stage2_prior.level_stopping.EndWhenLevelsStopped")
+    assert end > targets.index("ValidationHandler")  # so it sees the stops of the epoch's own validation
+    assert handlers[end]["level_stopping"] == "@prior_level_stopping" and "_disabled_" not in handlers[end]

@@ -4,7 +4,8 @@ The top and bottom priors have separate losses (the bottom prior is conditioned 
 the top prior's output), so the best two-level prior is the best top prior with the best bottom prior, even when
 they peak at different epochs. On the demo phantoms the top prior (128 positions a slice, 320 slices) overfits
 after about 5 epochs while the bottom prior (2,048 positions a slice) still improves at 12: selected by the image
-NLL alone, the saved top prior was its worst.
+NLL alone, the saved top prior was its worst. Once both levels have stopped, no later epoch changes a weight, so
+the trainer ends there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["LEVEL_METRICS", "LevelEarlyStopping", "level_param_groups"]
+__all__ = ["LEVEL_METRICS", "EndWhenLevelsStopped", "LevelEarlyStopping", "level_param_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +118,33 @@ class LevelEarlyStopping:
                     f"The {level} prior stopped training: {name} {value:.4f} has not improved on {self.best[level]:.4f} "
                     f"for {self.waited[level]} validations; its best weights are restored."
                 )
+
+
+class EndWhenLevelsStopped:
+    """Ends a trainer after the epoch in which every level of the prior has stopped (:class:`LevelEarlyStopping`):
+    from then on its epochs would change no weight. The run ends through ``COMPLETED`` as usual (final weights,
+    sample grid), and a resumed run trains the levels again as :class:`LevelEarlyStopping` describes.
+
+    Attach it after the validation handler (in a MONAI ``train_handlers`` list: after ``ValidationHandler``). The
+    levels stop on the evaluator's metrics, which every process of a distributed run shares, so all of them end
+    after the same epoch.
+
+    Args:
+        level_stopping: the handler that stops the levels.
+    """
+
+    def __init__(self, level_stopping: LevelEarlyStopping) -> None:
+        self.level_stopping = level_stopping
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch >= engine.state.max_epochs:
+            return
+        if all(self.level_stopping.stopped(level) for level in self.level_stopping.metrics):
+            logger.info(
+                f"Training ends after epoch {engine.state.epoch} of {engine.state.max_epochs}: every level of the "
+                "prior has stopped, so later epochs would change no weight."
+            )
+            engine.terminate()

@@ -3,7 +3,8 @@
 Each folder of ``sample_*.nii.gz`` files (written by the ``sampling`` workflow of this or any earlier version of the
 bundle) is compared with the same real test slices, in the feature space of one trained VQ-VAE-2, by the
 classifier two-sample test and precision/recall of ``bundle.evaluation.generation_report``. The real training
-slices against the same test slices give the floor. Example, a folder from an older model beside the current one:
+slices against the same test slices give the floor; the same training slices reconstructed by that VQ-VAE-2 give
+what a perfect prior would score with it. Example, a folder from an older model beside the current one:
 
     python scripts/compare_samples.py --samples outputs/samples old/outputs/samples --json docs/sample_comparison.json
 """
@@ -26,7 +27,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 
 from bundle.data.discovery import scan_key  # noqa: E402
 from bundle.engine.weights import load_weights  # noqa: E402
-from bundle.evaluation.generation_report import _realism_report, vqvae2_feature_maps  # noqa: E402
+from bundle.evaluation.generation_report import _realism_report, reconstruct, vqvae2_feature_maps  # noqa: E402
 
 SPLITS = ("test", "train")
 
@@ -72,15 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with torch.no_grad():
         features = vqvae2_feature_maps(vqvae)
+        reconstructed = reconstruct(vqvae, train)
         for folder in args.samples:
             samples = read_samples(folder, args.num)
             results[folder] = _realism_report(
-                samples, test, train, features, device, args.seed, test_scans, train_scans
+                samples, test, train, features, device, args.seed, test_scans, train_scans, reconstructed
             )
     keys = ["c2st_accuracy", "precision", "recall", "density", "coverage"]
     print(f"{'':40s} " + " ".join(f"{k:>14s}" for k in keys))
     first = next(iter(results.values()))
-    print(f"{'real train vs real test (floor)':40s} " + " ".join(f"{first[k + '_real_baseline']:14.3f}" for k in keys))
+    for label, name in (
+        ("real train vs real test (floor)", "_real_baseline"),
+        ("reconstructed train vs real test", "_reconstruction_baseline"),
+    ):
+        print(f"{label:40s} " + " ".join(f"{first[k + name]:14.3f}" for k in keys))
     for folder, report in results.items():
         print(f"{folder[-40:]:40s} " + " ".join(f"{report[k]:14.3f}" for k in keys))
     if args.json:

@@ -51,6 +51,13 @@ def reconstruction_lines(r: dict) -> list[str]:
     ]
 
 
+def _reconstructed(g: dict, *keys: str) -> str:
+    """``"; reconstructed-vs-real 0.531"`` (one figure per key), or nothing for a report without that reference."""
+    if not all(f"{key}_reconstruction_baseline" in g for key in keys):
+        return ""
+    return "; reconstructed-vs-real " + ", ".join(f"{g[key + '_reconstruction_baseline']:.3f}" for key in keys)
+
+
 def generation_lines(g: dict) -> list[str]:
     """The generation figures of ``generation_metrics.json``, each beside real train vs real test."""
     lines = [
@@ -59,12 +66,13 @@ def generation_lines(g: dict) -> list[str]:
     ]
     if "c2st_accuracy" in g:
         lines.append(
-            f"Classifier two-sample accuracy {g['c2st_accuracy']:.3f} (real-vs-real {g['c2st_accuracy_real_baseline']:.3f};"
-            " 0.5 = indistinguishable)"
+            f"Classifier two-sample accuracy {g['c2st_accuracy']:.3f} (real-vs-real {g['c2st_accuracy_real_baseline']:.3f}"
+            f"{_reconstructed(g, 'c2st_accuracy')}; 0.5 = indistinguishable)"
         )
         lines.append(
             f"Precision {g['precision']:.3f}, recall {g['recall']:.3f} "
-            f"(real-vs-real {g['precision_real_baseline']:.3f}, {g['recall_real_baseline']:.3f})"
+            f"(real-vs-real {g['precision_real_baseline']:.3f}, {g['recall_real_baseline']:.3f}"
+            f"{_reconstructed(g, 'precision', 'recall')})"
         )
     else:
         lines.append(f"Realism measures skipped: {g.get('realism_skipped', 'not in the report')}")

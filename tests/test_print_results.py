@@ -38,6 +38,19 @@ def test_both_reports_give_every_figure_beside_its_reference(tmp_path: Path) -> 
     assert not any(line.startswith("No ") for line in lines)
 
 
+def test_the_reconstruction_reference_is_printed_when_the_report_has_it(tmp_path: Path) -> None:
+    extra = {"c2st_accuracy_reconstruction_baseline": 0.531, "precision_reconstruction_baseline": 0.2109}
+    (tmp_path / "generation_metrics.json").write_text(json.dumps({**GENERATION, **extra}))
+    lines = print_results.generation_lines(json.loads((tmp_path / "generation_metrics.json").read_text()))
+    assert "Precision 0.250, recall 0.562 (real-vs-real 0.896, 0.625)" in lines  # recall's reference is missing
+    assert (
+        "Classifier two-sample accuracy 0.625 (real-vs-real 0.500; reconstructed-vs-real 0.531; "
+        "0.5 = indistinguishable)" in lines
+    )
+    lines = print_results.generation_lines({**GENERATION, **extra, "recall_reconstruction_baseline": 0.5625})
+    assert "Precision 0.250, recall 0.562 (real-vs-real 0.896, 0.625; reconstructed-vs-real 0.211, 0.562)" in lines
+
+
 def test_a_missing_report_is_named_with_the_workflow_that_writes_it(tmp_path: Path) -> None:
     (tmp_path / "generation_metrics.json").write_text(json.dumps(GENERATION))
     lines = print_results.summary(tmp_path)

@@ -16,6 +16,7 @@ from bundle.evaluation.generation_report import (
     _realism_report,
     generation_report,
     nll_bits_per_code,
+    reconstruct,
     vqvae2_feature_maps,
 )
 from bundle.stage1_vqvae.vqvae2 import VQVAE2
@@ -118,7 +119,7 @@ def test_generation_report(tmp_path: Path) -> None:
     assert report["code_histogram_bottom"]["used_b"] == test_codes["bottom"].unique().numel()
     assert 0.0 <= report["code_histogram_bottom"]["js_divergence"] <= 1.0
     # realism: 4 test slices per class, so the accuracy is a multiple of 1/8; precision/recall are fractions
-    for name in ("", "_real_baseline"):
+    for name in ("", "_real_baseline", "_reconstruction_baseline"):
         assert report[f"c2st_accuracy{name}"] * 8 == pytest.approx(round(report[f"c2st_accuracy{name}"] * 8))
         for key in ("precision", "recall", "coverage"):
             assert 0.0 <= report[f"{key}{name}"] <= 1.0, key + name
@@ -143,6 +144,32 @@ def test_realism_report_separates_unlike_sets_and_matches_like_ones() -> None:
     assert like["precision"] == 1.0 and like["recall"] == 1.0  # the same points: every ball holds its centre
     assert unlike["c2st_accuracy"] >= 0.9 and unlike["precision"] == 0.0
     assert like["c2st_accuracy_real_baseline"] == unlike["c2st_accuracy_real_baseline"]
+    assert not any(key.endswith("_reconstruction_baseline") for key in like)
+
+
+def test_reconstruction_baseline_scores_the_reconstructions_and_leaves_the_rest_alone() -> None:
+    torch.manual_seed(0)
+    vqvae = VQVAE2(channels=(8, 16), num_res_channels=8, embedding_dim=8, num_embeddings=(6, 10), return_loss=False)
+    vqvae = vqvae.eval()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 32), indexing="ij")
+    centres = torch.rand(24, 2, generator=torch.Generator().manual_seed(3)) * 0.6 - 0.3
+    blobs = torch.stack([torch.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / 0.1) for c in centres])[:, None]
+    real_test, real_train, samples = blobs[:12], blobs[12:], blobs[12:].flip(-1)
+    noise = torch.rand(12, 1, 64, 32, generator=torch.Generator().manual_seed(4))
+    features, cpu = vqvae2_feature_maps(vqvae), torch.device("cpu")
+    with torch.no_grad():
+        plain = _realism_report(samples, real_test, real_train, features, cpu, 0)
+        perfect = _realism_report(samples, real_test, real_train, features, cpu, 0, reconstructed_train=real_train)
+        broken = _realism_report(samples, real_test, real_train, features, cpu, 0, reconstructed_train=noise)
+        reconstructed = reconstruct(vqvae, real_train, batch_size=5)
+        expected = vqvae(real_train).clamp(0, 1)
+    # the figures of the samples and of real vs real do not change when the reference is added
+    assert {k: v for k, v in perfect.items() if not k.endswith("_reconstruction_baseline")} == plain
+    # a decoder that gave the slices back exactly scores as the real slices do; one that gave noise fails
+    for key in ("c2st_accuracy", "precision", "recall", "density", "coverage"):
+        assert perfect[f"{key}_reconstruction_baseline"] == perfect[f"{key}_real_baseline"], key
+    assert broken["c2st_accuracy_reconstruction_baseline"] >= 0.9 and broken["precision_reconstruction_baseline"] == 0
+    assert reconstructed.shape == real_train.shape and torch.allclose(reconstructed, expected, atol=1e-6)
 
 
 def test_save_samples_and_grid_writer(tmp_path: Path) -> None:

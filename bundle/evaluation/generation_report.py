@@ -1,7 +1,8 @@
 """Generation metrics of the two-level model: likelihood, fidelity, realism, diversity and memorisation.
 
 Every statistic is computed at the same sample count, beside the same statistic for real training slices against
-real test slices (the floor a perfect generator would reach at that count).
+real test slices (the floor a perfect generator would reach at that count); the realism measures also beside
+reconstructed training slices (what a perfect prior would reach with this VQ-VAE-2).
 """
 
 from __future__ import annotations
@@ -170,6 +171,23 @@ def vqvae2_feature_maps(vqvae: torch.nn.Module) -> Callable[[torch.Tensor], list
     return feature_maps
 
 
+@torch.no_grad()
+def reconstruct(vqvae: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Real slices through the VQ-VAE-2's codes and decoder, as samples are decoded: what a perfect prior would give.
+
+    Args:
+        vqvae: the frozen two-level VQ-VAE, in eval mode.
+        images: ``[N, 1, H, W]`` real slices.
+        batch_size: slices per call.
+
+    Returns:
+        ``[N, 1, H, W]`` float32 reconstructions clipped to ``[0, 1]``, on the CPU.
+    """
+    device = next(vqvae.parameters()).device
+    batches = [vqvae.decode_samples(*vqvae.index_quantize(x.to(device))) for x in images.split(batch_size)]
+    return torch.cat(batches).float().clamp(0.0, 1.0).cpu()
+
+
 def _standardise(*features: torch.Tensor, reference: torch.Tensor) -> list[torch.Tensor]:
     """Columns scaled to zero mean and unit variance over ``reference``, so no depth dominates the distances."""
     mean, std = reference.mean(0), reference.std(0).clamp_min(1e-6)
@@ -185,8 +203,10 @@ def _realism_report(
     seed: int,
     test_groups: Sequence[object] | None = None,
     train_groups: Sequence[object] | None = None,
+    reconstructed_train: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Classifier two-sample test and precision/recall of samples against test slices, beside train vs test.
+    """Classifier two-sample test and precision/recall of samples against test slices, beside train vs test and
+    reconstructed train vs test.
 
     Args:
         samples: generated slices ``[n, 1, H, W]`` in ``[0, 1]``.
@@ -198,29 +218,39 @@ def _realism_report(
         test_groups: the scan of each test slice (:func:`scan_groups`), so the two-sample test's halves hold
             different scans; None treats slices as independent.
         train_groups: the same for ``train_images``.
+        reconstructed_train: ``train_images`` through the VQ-VAE-2 (:func:`reconstruct`), or None. They have the
+            real anatomy and the decoder's look, so they score what a perfect prior would: samples that score as
+            well are as realistic as this VQ-VAE-2 can make them, or the measure cannot tell.
 
     Returns:
         ``c2st_accuracy`` (0.5: indistinguishable), ``precision``, ``recall``, ``density``, ``coverage``, each
-        also as ``..._real_baseline`` (real training slices in place of the samples); with fewer than
-        ``realism.MIN_IMAGES_PER_SET`` slices only ``realism_skipped``, saying why.
+        also as ``..._real_baseline`` (real training slices in place of the samples) and, with
+        ``reconstructed_train``, as ``..._reconstruction_baseline``; with fewer than ``realism.MIN_IMAGES_PER_SET``
+        slices only ``realism_skipped``, saying why.
     """
     if len(samples) < realism.MIN_IMAGES_PER_SET:
         reason = f"{len(samples)} slices per set; the realism tests need at least {realism.MIN_IMAGES_PER_SET}"
         logger.warning(f"Realism measures skipped: {reason}.")
         return {"realism_skipped": reason}
+    compared = {"": (samples, None), "_real_baseline": (train_images, train_groups)}
+    if reconstructed_train is not None:
+        compared["_reconstruction_baseline"] = (reconstructed_train, train_groups)
     report: dict[str, Any] = {}
-    for name, images, groups in (("", samples, None), ("_real_baseline", train_images, train_groups)):
+    for name, (images, groups) in compared.items():
         c2st = realism.classifier_two_sample_test(
             images, test_images, seed=seed, generated_groups=groups, real_groups=test_groups
         )
         report[f"c2st_accuracy{name}"] = c2st["accuracy"]
         report[f"c2st_p_value{name}"] = c2st["p_value"]
-    gen, test, train = (
-        realism.multiscale_pooled_features(feature_maps, x.to(device)) for x in (samples, test_images, train_images)
-    )
-    gen, test, train = _standardise(gen, test, train, reference=torch.cat([test, train]))
-    for name, fake in (("", gen), ("_real_baseline", train)):
-        for key, value in realism.precision_recall(test, fake, k=3).items():
+    test = realism.multiscale_pooled_features(feature_maps, test_images.to(device))
+    features = {
+        name: realism.multiscale_pooled_features(feature_maps, x.to(device)) for name, (x, _) in compared.items()
+    }
+    # the same scaling as before reconstructions were compared: real test and real train slices set it
+    reference = torch.cat([test, features["_real_baseline"]])
+    for name, fake in features.items():
+        fake, real = _standardise(fake, test, reference=reference)
+        for key, value in realism.precision_recall(real, fake, k=3).items():
             report[f"{key}{name}"] = value
     report["c2st_test_slices_per_class"] = c2st["n_test_per_class"]
     return report
@@ -246,7 +276,9 @@ def generation_report(
 
     Features for FID/KID come from the bundle's own frozen encoder (no downloadable network exists here), so
     the figures compare runs of this bundle, not papers. Every statistic is computed at the same sample
-    count, and the real-train vs real-test value is reported beside it as the floor to compare against.
+    count, and the real-train vs real-test value is reported beside it as the floor to compare against. The realism
+    measures are also reported for the same training slices reconstructed by the VQ-VAE-2 (:func:`reconstruct`):
+    what a perfect prior would score with this decoder.
 
     Args:
         vqvae: the frozen two-level VQ-VAE.
@@ -292,8 +324,11 @@ def generation_report(
     report.update(_fidelity_report(feature_fn, samples, test_images, train_images, device, seed))
     report.update(_diversity_memorisation_report(samples, test_images, references, seed))
     report.update(_code_histogram_report(prior.num_embeddings, (top, bottom), test_codes))
+    reconstructed = reconstruct(vqvae, train_images)
     report.update(
-        _realism_report(samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed, *groups)
+        _realism_report(
+            samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed, *groups, reconstructed
+        )
     )
     extractor = "VQ-VAE-2 bottom encoder" if features is None else getattr(features, "__qualname__", "features")
     report["feature_extractor"] = (

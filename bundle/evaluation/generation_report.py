@@ -246,7 +246,7 @@ def _realism_report(
     features = {
         name: realism.multiscale_pooled_features(feature_maps, x.to(device)) for name, (x, _) in compared.items()
     }
-    # the same scaling as before reconstructions were compared: real test and real train slices set it
+    # real test and real train slices set the scaling, so an added reference moves no other figure
     reference = torch.cat([test, features["_real_baseline"]])
     for name, fake in features.items():
         fake, real = _standardise(fake, test, reference=reference)

@@ -127,17 +127,23 @@ def test_generation_report(tmp_path: Path) -> None:
     assert (tmp_path / "samples_vs_real.png").is_file()
 
 
-def test_realism_report_separates_unlike_sets_and_matches_like_ones() -> None:
-    """Samples that are the test slices themselves score like real data; pure noise is told apart and has no
-    precision."""
+def _tiny_vqvae2_and_blobs() -> tuple[VQVAE2, torch.Tensor, torch.Tensor]:
+    """A tiny VQ-VAE-2 (eval mode), 24 Gaussian blob images ``[24, 1, 64, 32]`` and 12 noise images."""
     torch.manual_seed(0)
     vqvae = VQVAE2(channels=(8, 16), num_res_channels=8, embedding_dim=8, num_embeddings=(6, 10), return_loss=False)
     vqvae = vqvae.eval()
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 32), indexing="ij")
     centres = torch.rand(24, 2, generator=torch.Generator().manual_seed(3)) * 0.6 - 0.3
     blobs = torch.stack([torch.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / 0.1) for c in centres])[:, None]
-    real_test, real_train = blobs[:12], blobs[12:]
     noise = torch.rand(12, 1, 64, 32, generator=torch.Generator().manual_seed(4))
+    return vqvae, blobs, noise
+
+
+def test_realism_report_separates_unlike_sets_and_matches_like_ones() -> None:
+    """Samples that are the test slices themselves score like real data; pure noise is told apart and has no
+    precision."""
+    vqvae, blobs, noise = _tiny_vqvae2_and_blobs()
+    real_test, real_train = blobs[:12], blobs[12:]
     with torch.no_grad():
         like = _realism_report(real_test, real_test, real_train, vqvae2_feature_maps(vqvae), torch.device("cpu"), 0)
         unlike = _realism_report(noise, real_test, real_train, vqvae2_feature_maps(vqvae), torch.device("cpu"), 0)
@@ -148,14 +154,8 @@ def test_realism_report_separates_unlike_sets_and_matches_like_ones() -> None:
 
 
 def test_reconstruction_baseline_scores_the_reconstructions_and_leaves_the_rest_alone() -> None:
-    torch.manual_seed(0)
-    vqvae = VQVAE2(channels=(8, 16), num_res_channels=8, embedding_dim=8, num_embeddings=(6, 10), return_loss=False)
-    vqvae = vqvae.eval()
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 32), indexing="ij")
-    centres = torch.rand(24, 2, generator=torch.Generator().manual_seed(3)) * 0.6 - 0.3
-    blobs = torch.stack([torch.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / 0.1) for c in centres])[:, None]
+    vqvae, blobs, noise = _tiny_vqvae2_and_blobs()
     real_test, real_train, samples = blobs[:12], blobs[12:], blobs[12:].flip(-1)
-    noise = torch.rand(12, 1, 64, 32, generator=torch.Generator().manual_seed(4))
     features, cpu = vqvae2_feature_maps(vqvae), torch.device("cpu")
     with torch.no_grad():
         plain = _realism_report(samples, real_test, real_train, features, cpu, 0)

@@ -1,0 +1,68 @@
+"""``scripts/compare_samples.py`` end to end: folders of samples against the same real test slices, beside real
+training slices and their reconstructions, printed and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.data.phantom import write_hipmri_phantoms
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compare_samples  # noqa: E402
+
+NUM = 10  # every test slice of the set below, so a folder of them holds exactly the real test set
+
+
+def _write_folder(folder: Path, images: torch.Tensor) -> str:
+    folder.mkdir()
+    for k, image in enumerate(images):
+        nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), np.eye(4)), folder / f"sample_{k:03d}.nii.gz")
+    return str(folder)
+
+
+def test_real_copies_match_noise_does_not_and_every_reference_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    write_hipmri_phantoms(data, train_cases=2, val_cases=1, test_cases=2, slices_per_case=5)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT), "dataset_dir": str(data), "network_returns_loss": False})
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    test, _ = compare_samples.real_slices(parser, "test", NUM, seed=5)
+    copies = _write_folder(tmp_path / "copies", test.flip(0))
+    noise = _write_folder(
+        tmp_path / "noise", torch.rand(NUM, *test.shape[1:], generator=torch.Generator().manual_seed(1))
+    )
+    out = tmp_path / "comparison.json"
+    args = ["--samples", copies, noise, "--dataset_dir", str(data), "--ckpt_path", str(tmp_path / "model.pt")]
+    assert compare_samples.main([*args, "--num", str(NUM), "--json", str(out)]) == 0
+
+    record = json.loads(out.read_text())
+    assert record["num"] == NUM and record["seed"] == 0 and list(record["results"]) == [copies, noise]
+    same, unlike = record["results"][copies], record["results"][noise]
+    assert same["precision"] == same["recall"] == 1.0  # the same points as the real test set
+    assert unlike["precision"] == 0.0 and unlike["c2st_accuracy"] >= 0.8
+    for key in ("c2st_accuracy", "precision", "recall", "density", "coverage"):
+        for reference in ("_real_baseline", "_reconstruction_baseline"):
+            assert same[key + reference] == unlike[key + reference], key + reference  # one reference for all
+            assert 0.0 <= same[key + reference] <= (1.0 if key != "density" else float(NUM)), key + reference
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith("real train vs real test (floor)")
+    assert printed[2].startswith("reconstructed train vs real test")
+    assert [float(v) for v in printed[2].split()[-5:]][1] == pytest.approx(
+        same["precision_reconstruction_baseline"], abs=5e-4
+    )
+    assert printed[3].split()[0] == copies[-40:] and float(printed[3].split()[2]) == 1.0

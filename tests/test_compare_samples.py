@@ -31,24 +31,28 @@ def _write_folder(folder: Path, images: torch.Tensor) -> str:
     return str(folder)
 
 
-def test_real_copies_match_noise_does_not_and_every_reference_is_reported(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    data = tmp_path / "data"
-    write_hipmri_phantoms(data, train_cases=2, val_cases=1, test_cases=2, slices_per_case=5)
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small phantom set, a VQ-VAE-2 checkpoint, and two sample folders: the real test slices and noise."""
+    root = tmp_path_factory.mktemp("compare")
+    write_hipmri_phantoms(root / "data", train_cases=2, val_cases=1, test_cases=2, slices_per_case=5)
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(ROOT), "dataset_dir": str(data), "network_returns_loss": False})
+    parser.update({"bundle_root": str(ROOT), "dataset_dir": str(root / "data"), "network_returns_loss": False})
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
     test, _ = compare_samples.real_slices(parser, "test", NUM, seed=5)
-    copies = _write_folder(tmp_path / "copies", test.flip(0))
-    noise = _write_folder(
-        tmp_path / "noise", torch.rand(NUM, *test.shape[1:], generator=torch.Generator().manual_seed(1))
-    )
-    out = tmp_path / "comparison.json"
-    args = ["--samples", copies, noise, "--dataset_dir", str(data), "--ckpt_path", str(tmp_path / "model.pt")]
-    assert compare_samples.main([*args, "--num", str(NUM), "--json", str(out)]) == 0
+    noise = torch.rand(NUM, *test.shape[1:], generator=torch.Generator().manual_seed(1))
+    copies, noise = _write_folder(root / "copies", test.flip(0)), _write_folder(root / "noise", noise)
+    args = ["--samples", copies, noise, "--dataset_dir", str(root / "data"), "--ckpt_path", str(root / "model.pt")]
+    return {"args": [*args, "--num", str(NUM)], "copies": copies, "noise": noise}
+
+
+def test_real_copies_match_noise_does_not_and_every_reference_is_reported(
+    setting: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    copies, noise, out = setting["copies"], setting["noise"], tmp_path / "comparison.json"
+    assert compare_samples.main([*setting["args"], "--json", str(out)]) == 0
 
     record = json.loads(out.read_text())
     assert record["num"] == NUM and record["seed"] == 0 and list(record["results"]) == [copies, noise]
@@ -66,3 +70,20 @@ def test_real_copies_match_noise_does_not_and_every_reference_is_reported(
         same["precision_reconstruction_baseline"], abs=5e-4
     )
     assert printed[3].split()[0] == copies[-40:] and float(printed[3].split()[2]) == 1.0
+
+
+def test_several_seeds_give_each_run_and_their_means(
+    setting: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "comparison.json"
+    assert compare_samples.main([*setting["args"], "--seed", "0", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["seeds"] == [0, 1] and list(record["per_seed"]) == ["0", "1"]
+    for folder in (setting["copies"], setting["noise"]):
+        runs = [record["per_seed"][seed][folder] for seed in ("0", "1")]
+        for name in ("c2st_accuracy", "precision_real_baseline", "coverage_reconstruction_baseline"):
+            assert record["results"][folder][name] == pytest.approx((runs[0][name] + runs[1][name]) / 2), name
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "comparison seed 0" and "comparison seed 1" in printed
+    assert printed[-6] == "mean of 2 comparison seeds"  # then the header, two references and two folders
+    assert float(printed[-1].split()[2]) == pytest.approx(record["results"][setting["noise"]]["precision"], abs=5e-4)

@@ -12,6 +12,8 @@ A single comparison of 48 slices moves by up to 0.25 in two-sample accuracy with
 apart, compare 128 slices (all of the demo's test split) at several seeds, which also prints the means:
 
     python scripts/compare_samples.py --samples outputs/samples old/outputs/samples --num 128 --seed 0 1 2
+
+For a model trained with an overlay, give it too: ``--overlay configs/hipmri_gpu.json``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[0],
         help="comparison seeds (the real slices drawn, the classifier's start); with several, also their means",
+    )
+    parser.add_argument(
+        "--overlay",
+        nargs="*",
+        default=[],
+        help="config files read after configs/inference.json (configs/hipmri_gpu.json)",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prints (and writes) the realism figures of every folder beside the references, per seed and as a mean."""
     args = parse_args(argv)
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.read_config([str(ROOT / "configs" / "inference.json"), *args.overlay])
     parser.update({"bundle_root": str(ROOT), "dataset_dir": args.dataset_dir, "network_returns_loss": False})
     vqvae = load_weights(parser.get_parsed_content("network_def"), args.ckpt_path, torch.device("cpu"))
     runs = {}

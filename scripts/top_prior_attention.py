@@ -3,6 +3,7 @@
 Run from the repository root after stage 2 and the generation evaluation (they cache the code maps)::
 
     python scripts/top_prior_attention.py --codes_dir outputs/codes --json docs/top_prior_attention.json
+    python scripts/top_prior_attention.py --codes_dir <run>/outputs/codes --overlay configs/hipmri_gpu.json
 
 The top prior is built from ``configs/inference.json`` (``num_embeddings[0]``, ``prior_channels[0]``,
 ``prior_layers[0]``, ``prior_kernel_size``, ``prior_head_channels``) and trained as stage 2 trains it
@@ -120,10 +121,10 @@ def train(prior: GatedPixelCNN, splits: dict, config: dict, epochs: int, seed: i
     }
 
 
-def read_config() -> dict:
-    """The top prior's sizes and stage 2's schedule from the bundle's configs."""
+def read_config(overlay: Sequence[str] = ()) -> dict:
+    """The top prior's sizes and stage 2's schedule from the bundle's configs, then from ``overlay``'s files."""
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "train_prior.json")])
+    parser.read_config([str(ROOT / "configs" / name) for name in ("inference.json", "train_prior.json")] + [*overlay])
     keys = ("num_embeddings", "prior_channels", "prior_layers", "prior_kernel_size", "prior_head_channels")
     keys += ("prior_batch_size", "prior_learning_rate", "prior_level_patience")
     return {key: parser[key] for key in keys}
@@ -136,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heads", type=int, default=4, help="attention heads of the variant")
     parser.add_argument("--epochs", type=int, default=12, help="at most; stage 2's prior_max_epochs")
+    parser.add_argument("--overlay", nargs="*", default=[], help="config files read last (configs/hipmri_gpu.json)")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         split: torch.load(Path(args.codes_dir) / f"{split}.pt", weights_only=True)["top"].long()
         for split in ("train", "validate", "test")
     }
-    config = read_config()
+    config = read_config(args.overlay)
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for seed in args.seeds:
         for variant, heads in zip(VARIANTS, (0, args.heads)):

@@ -87,3 +87,17 @@ def test_several_seeds_give_each_run_and_their_means(
     assert printed[0] == "comparison seed 0" and "comparison seed 1" in printed
     assert printed[-6] == "mean of 2 comparison seeds"  # then the header, two references and two folders
     assert float(printed[-1].split()[2]) == pytest.approx(record["results"][setting["noise"]]["precision"], abs=5e-4)
+
+
+def test_an_overlay_builds_the_model_it_trained(setting: dict, tmp_path: Path) -> None:
+    overlay = tmp_path / "wider.json"
+    overlay.write_text(json.dumps({"embedding_dim": 16}))
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "inference.json"), str(overlay)])
+    parser.update({"bundle_root": str(ROOT), "network_returns_loss": False})
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "overlay_model.pt")
+    args = [*setting["args"], "--ckpt_path", str(tmp_path / "overlay_model.pt"), "--json", str(tmp_path / "out.json")]
+    with pytest.raises(RuntimeError, match="overlay_model.pt' do not fit"):
+        compare_samples.main(args)
+    assert compare_samples.main([*args, "--overlay", str(overlay)]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["results"][setting["copies"]]["precision"] == 1.0

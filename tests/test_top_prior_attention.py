@@ -82,3 +82,12 @@ def test_both_variants_train_end_to_end(tmp_path: Path) -> None:
     assert attention[0]["parameters"] > gated[0]["parameters"]
     for variant, runs in result["runs"].items():
         assert result["mean_test_nll_bits"][variant] == pytest.approx(sum(r["test_nll_bits"] for r in runs) / 2, 1e-3)
+
+
+def test_an_overlay_sets_the_sizes_and_schedule(tmp_path: Path) -> None:
+    overlay = tmp_path / "gpu.json"
+    overlay.write_text(json.dumps({"prior_channels": [128, 96], "prior_batch_size": 64}))
+    default, overlaid = top_prior_attention.read_config(), top_prior_attention.read_config([str(overlay)])
+    assert overlaid == {**default, "prior_channels": [128, 96], "prior_batch_size": 64} != default
+    gpu = top_prior_attention.read_config([str(ROOT / "configs" / "hipmri_gpu.json")])
+    assert gpu["num_embeddings"] == [512, 512] and gpu["prior_layers"] == [16, 12]

@@ -74,6 +74,12 @@ def generation_lines(g: dict) -> list[str]:
             f"(real-vs-real {g['precision_real_baseline']:.3f}, {g['recall_real_baseline']:.3f}"
             f"{_reconstructed(g, 'precision', 'recall')})"
         )
+        if "density" in g:
+            lines.append(
+                f"Density {g['density']:.3f}, coverage {g['coverage']:.3f} "
+                f"(real-vs-real {g['density_real_baseline']:.3f}, {g['coverage_real_baseline']:.3f}"
+                f"{_reconstructed(g, 'density', 'coverage')})"
+            )
     else:
         lines.append(f"Realism measures skipped: {g.get('realism_skipped', 'not in the report')}")
     return lines

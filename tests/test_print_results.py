@@ -51,6 +51,16 @@ def test_the_reconstruction_reference_is_printed_when_the_report_has_it(tmp_path
     assert "Precision 0.250, recall 0.562 (real-vs-real 0.896, 0.625; reconstructed-vs-real 0.211, 0.562)" in lines
 
 
+def test_density_and_coverage_follow_precision_when_the_report_has_them() -> None:
+    figures = {"density": 0.2153, "coverage": 0.1875, "density_real_baseline": 0.6528, "coverage_real_baseline": 0.5}
+    lines = print_results.generation_lines({**GENERATION, **figures})
+    assert lines[-1] == "Density 0.215, coverage 0.188 (real-vs-real 0.653, 0.500)"
+    reconstructed = {"density_reconstruction_baseline": 0.6597, "coverage_reconstruction_baseline": 0.5208}
+    lines = print_results.generation_lines({**GENERATION, **figures, **reconstructed})
+    assert lines[-1] == "Density 0.215, coverage 0.188 (real-vs-real 0.653, 0.500; reconstructed-vs-real 0.660, 0.521)"
+    assert not any(line.startswith("Density") for line in print_results.generation_lines(GENERATION))
+
+
 def test_a_missing_report_is_named_with_the_workflow_that_writes_it(tmp_path: Path) -> None:
     (tmp_path / "generation_metrics.json").write_text(json.dumps(GENERATION))
     lines = print_results.summary(tmp_path)

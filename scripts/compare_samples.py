@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seed:
             runs[seed] = compare(parser, vqvae, args.samples, args.num, seed)
             print("\n".join(([f"comparison seed {seed}"] if len(args.seed) > 1 else []) + table(runs[seed])))
-    record = {"num": args.num, "seed": args.seed[0], "results": runs[args.seed[0]]}
-    if len(args.seed) > 1:
+    if len(args.seed) == 1:
+        record = {"num": args.num, "seed": args.seed[0], "results": runs[args.seed[0]]}
+    else:
         means = mean_over_seeds(list(runs.values()))
         print("\n".join([f"mean of {len(runs)} comparison seeds"] + table(means)))
         record = {

@@ -4,7 +4,9 @@ Each folder of ``sample_*.nii.gz`` files (written by the ``sampling`` workflow o
 bundle) is compared with the same real test slices, in the feature space of one trained VQ-VAE-2, by the
 classifier two-sample test and precision/recall of ``bundle.evaluation.generation_report``. The real training
 slices against the same test slices give the floor; the same training slices reconstructed by that VQ-VAE-2 give
-what a perfect prior would score with it. Example, a folder from an older model beside the current one:
+what a perfect prior would score with it; their own top codes with bottom codes drawn by the bottom prior of
+``--prior_path`` (default ``models/prior/prior.pt`` where it exists) give what a perfect top prior would score, so a
+shortfall can be put on the top or the bottom level. Example, a folder from an older model beside the current one:
 
     python scripts/compare_samples.py --samples outputs/samples old/outputs/samples --json docs/sample_comparison.json
 
@@ -35,13 +37,14 @@ from monai.bundle import ConfigParser  # noqa: E402
 
 from bundle.data.discovery import scan_key  # noqa: E402
 from bundle.engine.weights import load_weights  # noqa: E402
-from bundle.evaluation.generation_report import _realism_report, reconstruct, vqvae2_feature_maps  # noqa: E402
+from bundle.evaluation.generation_report import _realism_report, training_references, vqvae2_feature_maps  # noqa: E402
 
 SPLITS = ("test", "train")
 KEYS = ("c2st_accuracy", "precision", "recall", "density", "coverage")
 REFERENCES = (
     ("real train vs real test (floor)", "_real_baseline"),
     ("reconstructed train vs real test", "_reconstruction_baseline"),
+    ("train's top codes, bottom prior's draws", "_real_top_baseline"),
 )
 
 
@@ -51,6 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", nargs="+", required=True, help="folders of sample_*.nii.gz files")
     parser.add_argument("--dataset_dir", default=str(ROOT / "data" / "phantom"))
     parser.add_argument("--ckpt_path", default=str(ROOT / "models" / "model.pt"), help="VQ-VAE-2 of the features")
+    parser.add_argument(
+        "--prior_path",
+        default=None,
+        help="two-level prior whose bottom level draws the real-top reference (default models/prior/prior.pt if "
+        "present; '' for none)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=json.loads((ROOT / "configs" / "sample.json").read_text())["temperature"],
+        help="the bottom prior's temperature for the real-top reference (default that of configs/sample.json)",
+    )
     parser.add_argument("--num", type=int, default=48, help="slices per set")
     parser.add_argument(
         "--seed",
@@ -86,23 +101,41 @@ def real_slices(parser: ConfigParser, split: str, num: int, seed: int) -> tuple[
     return images, [scan_key(items[i]["image"]) or items[i]["image"] for i in order]
 
 
-def compare(parser: ConfigParser, vqvae: torch.nn.Module, folders: list[str], num: int, seed: int) -> dict:
+def compare(
+    parser: ConfigParser,
+    vqvae: torch.nn.Module,
+    prior: torch.nn.Module | None,
+    folders: list[str],
+    num: int,
+    seed: int,
+    temperature: float,
+) -> dict:
     """The realism report of every folder against ``num`` real test slices drawn with ``seed``, each beside the same
-    number of real training slices and their reconstructions."""
+    number of real training slices, their reconstructions and (with ``prior``) their real-top redraws."""
     (test, test_scans), (train, train_scans) = (real_slices(parser, split, num, seed) for split in SPLITS)
     features, device = vqvae2_feature_maps(vqvae), torch.device("cpu")
-    reconstructed = reconstruct(vqvae, train)
+    references = training_references(vqvae, prior, train, temperature, seed)
     return {
         folder: _realism_report(
-            read_samples(folder, num), test, train, features, device, seed, test_scans, train_scans, reconstructed
+            read_samples(folder, num), test, train, features, device, seed, test_scans, train_scans, references
         )
         for folder in folders
     }
 
 
+def load_prior(parser: ConfigParser, path: str | None) -> torch.nn.Module | None:
+    """The two-level prior at ``path`` (None: ``models/prior/prior.pt`` if present; ``''``: no prior)."""
+    default = ROOT / "models" / "prior" / "prior.pt"
+    if path == "" or (path is None and not default.is_file()):
+        return None
+    return load_weights(parser.get_parsed_content("prior_def"), path or str(default), torch.device("cpu"))
+
+
 def mean_over_seeds(runs: list[dict]) -> dict:
-    """Per folder, the mean of each figure of :data:`KEYS` (and of its two references) over the runs."""
-    names = [key + suffix for key in KEYS for suffix in ("", *(suffix for _, suffix in REFERENCES))]
+    """Per folder, the mean of each figure of :data:`KEYS` (and of its references) over the runs."""
+    suffixes = ("", *(suffix for _, suffix in REFERENCES))
+    first = next(iter(runs[0].values()))
+    names = [key + suffix for key in KEYS for suffix in suffixes if key + suffix in first]
     return {folder: {name: statistics.fmean(run[folder][name] for run in runs) for name in names} for folder in runs[0]}
 
 
@@ -110,7 +143,8 @@ def table(results: dict) -> list[str]:
     """The figures of :data:`KEYS`, a row per reference and per folder."""
     first = next(iter(results.values()))
     lines = [f"{'':40s} " + " ".join(f"{k:>14s}" for k in KEYS)]
-    lines += [f"{label:40s} " + " ".join(f"{first[k + suffix]:14.3f}" for k in KEYS) for label, suffix in REFERENCES]
+    present = [(label, suffix) for label, suffix in REFERENCES if KEYS[0] + suffix in first]
+    lines += [f"{label:40s} " + " ".join(f"{first[k + suffix]:14.3f}" for k in KEYS) for label, suffix in present]
     return lines + [f"{folder[-40:]:40s} " + " ".join(f"{r[k]:14.3f}" for k in KEYS) for folder, r in results.items()]
 
 
@@ -121,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.read_config([str(ROOT / "configs" / "inference.json"), *args.overlay])
     parser.update({"bundle_root": str(ROOT), "dataset_dir": args.dataset_dir, "network_returns_loss": False})
     vqvae = load_weights(parser.get_parsed_content("network_def"), args.ckpt_path, torch.device("cpu"))
+    prior = load_prior(parser, args.prior_path)
     runs = {}
     with torch.no_grad():
         for seed in args.seed:
-            runs[seed] = compare(parser, vqvae, args.samples, args.num, seed)
+            runs[seed] = compare(parser, vqvae, prior, args.samples, args.num, seed, args.temperature)
             print("\n".join(([f"comparison seed {seed}"] if len(args.seed) > 1 else []) + table(runs[seed])))
     if len(args.seed) == 1:
         record = {"num": args.num, "seed": args.seed[0], "results": runs[args.seed[0]]}

@@ -51,18 +51,27 @@ def reconstruction_lines(r: dict) -> list[str]:
     ]
 
 
+REFERENCE_LABELS = (
+    ("_real_baseline", "real-vs-real"),
+    ("_reconstruction_baseline", "reconstructed-vs-real"),
+    ("_real_top_baseline", "real-top-vs-real"),
+)
+
+
 def _references(g: dict, *keys: str) -> str:
-    """``"real-vs-real 0.896, 0.625; reconstructed-vs-real 0.917, 0.583"`` for ``keys``; the second part only where
-    the report has that reference."""
-    text = "real-vs-real " + ", ".join(f"{g[key + '_real_baseline']:.3f}" for key in keys)
-    if all(f"{key}_reconstruction_baseline" in g for key in keys):
-        text += "; reconstructed-vs-real " + ", ".join(f"{g[key + '_reconstruction_baseline']:.3f}" for key in keys)
-    return text
+    """``"real-vs-real 0.896, 0.625; reconstructed-vs-real 0.917, 0.583; real-top-vs-real ..."`` for ``keys``; each
+    reference only where the report has it."""
+    parts = [
+        f"{label} " + ", ".join(f"{g[key + suffix]:.3f}" for key in keys)
+        for suffix, label in REFERENCE_LABELS
+        if all(key + suffix in g for key in keys)
+    ]
+    return "; ".join(parts)
 
 
 def generation_lines(g: dict) -> list[str]:
     """The generation figures of ``generation_metrics.json``, each beside real train vs real test (and beside
-    reconstructed train vs real test where the report has it)."""
+    reconstructed train, and train with real top codes, vs real test where the report has them)."""
     lines = [
         f"Prior NLL: top {g['nll_bits_top']:.3f}, bottom {g['nll_bits_bottom']:.3f} bits/code",
         f"FID {g['fid']:.3f} ({_references(g, 'fid')}) on {g['num_samples']} samples",

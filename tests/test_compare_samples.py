@@ -1,5 +1,5 @@
 """``scripts/compare_samples.py`` end to end: folders of samples against the same real test slices, beside real
-training slices and their reconstructions, printed and written as JSON."""
+training slices, their reconstructions and their real-top redraws, printed and written as JSON."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _write_folder(folder: Path, images: torch.Tensor) -> str:
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small phantom set, a VQ-VAE-2 checkpoint, and two sample folders: the real test slices and noise."""
+    """A small phantom set, VQ-VAE-2 and prior checkpoints, and two sample folders: the real test slices and noise."""
     root = tmp_path_factory.mktemp("compare")
     write_hipmri_phantoms(root / "data", train_cases=2, val_cases=1, test_cases=2, slices_per_case=5)
     parser = ConfigParser()
@@ -41,10 +41,12 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
     parser.update({"bundle_root": str(ROOT), "dataset_dir": str(root / "data"), "network_returns_loss": False})
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
+    torch.save(parser.get_parsed_content("prior_def").state_dict(), root / "prior.pt")
     test, _ = compare_samples.real_slices(parser, "test", NUM, seed=5)
     noise = torch.rand(NUM, *test.shape[1:], generator=torch.Generator().manual_seed(1))
     copies, noise = _write_folder(root / "copies", test.flip(0)), _write_folder(root / "noise", noise)
     args = ["--samples", copies, noise, "--dataset_dir", str(root / "data"), "--ckpt_path", str(root / "model.pt")]
+    args += ["--prior_path", str(root / "prior.pt")]
     return {"args": [*args, "--num", str(NUM)], "copies": copies, "noise": noise}
 
 
@@ -60,7 +62,7 @@ def test_real_copies_match_noise_does_not_and_every_reference_is_reported(
     assert same["precision"] == same["recall"] == 1.0  # the same points as the real test set
     assert unlike["precision"] == 0.0 and unlike["c2st_accuracy"] >= 0.8
     for key in ("c2st_accuracy", "precision", "recall", "density", "coverage"):
-        for reference in ("_real_baseline", "_reconstruction_baseline"):
+        for reference in ("_real_baseline", "_reconstruction_baseline", "_real_top_baseline"):
             assert same[key + reference] == unlike[key + reference], key + reference  # one reference for all
             assert 0.0 <= same[key + reference] <= (1.0 if key != "density" else float(NUM)), key + reference
     printed = capsys.readouterr().out.splitlines()
@@ -69,7 +71,8 @@ def test_real_copies_match_noise_does_not_and_every_reference_is_reported(
     assert [float(v) for v in printed[2].split()[-5:]][1] == pytest.approx(
         same["precision_reconstruction_baseline"], abs=5e-4
     )
-    assert printed[3].split()[0] == copies[-40:] and float(printed[3].split()[2]) == 1.0
+    assert printed[3].startswith("train's top codes, bottom prior's draws")
+    assert printed[4].split()[0] == copies[-40:] and float(printed[4].split()[2]) == 1.0
 
 
 def test_several_seeds_give_each_run_and_their_means(
@@ -85,7 +88,7 @@ def test_several_seeds_give_each_run_and_their_means(
             assert record["results"][folder][name] == pytest.approx((runs[0][name] + runs[1][name]) / 2), name
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "comparison seed 0" and "comparison seed 1" in printed
-    assert printed[-6] == "mean of 2 comparison seeds"  # then the header, two references and two folders
+    assert printed[-7] == "mean of 2 comparison seeds"  # then the header, three references and two folders
     assert float(printed[-1].split()[2]) == pytest.approx(record["results"][setting["noise"]]["precision"], abs=5e-4)
 
 
@@ -101,3 +104,11 @@ def test_an_overlay_builds_the_model_it_trained(setting: dict, tmp_path: Path) -
         compare_samples.main(args)
     assert compare_samples.main([*args, "--overlay", str(overlay)]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["results"][setting["copies"]]["precision"] == 1.0
+
+
+def test_without_a_prior_the_real_top_reference_is_left_out(setting: dict, tmp_path: Path) -> None:
+    out = tmp_path / "comparison.json"
+    assert compare_samples.main([*setting["args"], "--prior_path", "", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"][setting["copies"]]
+    assert "precision_reconstruction_baseline" in results
+    assert not any(key.endswith("_real_top_baseline") for key in results)

@@ -80,3 +80,14 @@ def test_the_epochs_each_stage_trained_come_first(tmp_path: Path) -> None:
     assert print_results.summary(tmp_path)[0] == "Epochs trained: stage 1 17, stage 2 12"
     (prior / "checkpoint_epoch=12.pt").unlink()
     assert print_results.summary(tmp_path)[0] == "Epochs trained: stage 1 17"
+
+
+def test_the_real_top_reference_follows_the_reconstruction_reference() -> None:
+    figures = {"density": 0.2153, "coverage": 0.1875, "density_real_baseline": 0.6528, "coverage_real_baseline": 0.5}
+    reconstructed = {"density_reconstruction_baseline": 0.6597, "coverage_reconstruction_baseline": 0.5208}
+    real_top = {"density_real_top_baseline": 0.5903, "coverage_real_top_baseline": 0.4375}
+    lines = print_results.generation_lines({**GENERATION, **figures, **reconstructed, **real_top})
+    assert lines[-1] == (
+        "Density 0.215, coverage 0.188 (real-vs-real 0.653, 0.500; reconstructed-vs-real 0.660, 0.521; "
+        "real-top-vs-real 0.590, 0.438)"
+    )

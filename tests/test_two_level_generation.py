@@ -17,6 +17,7 @@ from bundle.evaluation.generation_report import (
     generation_report,
     nll_bits_per_code,
     reconstruct,
+    training_references,
     vqvae2_feature_maps,
 )
 from bundle.stage1_vqvae.vqvae2 import VQVAE2
@@ -24,7 +25,7 @@ from bundle.stage2_prior import generation
 from bundle.stage2_prior.codes import encode_dataset
 from bundle.stage2_prior.generation import generate, save_samples
 from bundle.stage2_prior.sample_grid import SampleGridWriter
-from bundle.stage2_prior.sampling import sample_codes
+from bundle.stage2_prior.sampling import sample_codes, sample_level
 from bundle.stage2_prior.two_level import TwoLevelPrior
 
 from two_level_stand_in import SHAPES, TinyTwoLevelVQVAE, tiny_prior
@@ -119,7 +120,7 @@ def test_generation_report(tmp_path: Path) -> None:
     assert report["code_histogram_bottom"]["used_b"] == test_codes["bottom"].unique().numel()
     assert 0.0 <= report["code_histogram_bottom"]["js_divergence"] <= 1.0
     # realism: 4 test slices per class, so the accuracy is a multiple of 1/8; precision/recall are fractions
-    for name in ("", "_real_baseline", "_reconstruction_baseline"):
+    for name in ("", "_real_baseline", "_reconstruction_baseline", "_real_top_baseline"):
         assert report[f"c2st_accuracy{name}"] * 8 == pytest.approx(round(report[f"c2st_accuracy{name}"] * 8))
         for key in ("precision", "recall", "coverage"):
             assert 0.0 <= report[f"{key}{name}"] <= 1.0, key + name
@@ -159,8 +160,10 @@ def test_reconstruction_baseline_scores_the_reconstructions_and_leaves_the_rest_
     features, cpu = vqvae2_feature_maps(vqvae), torch.device("cpu")
     with torch.no_grad():
         plain = _realism_report(samples, real_test, real_train, features, cpu, 0)
-        perfect = _realism_report(samples, real_test, real_train, features, cpu, 0, reconstructed_train=real_train)
-        broken = _realism_report(samples, real_test, real_train, features, cpu, 0, reconstructed_train=noise)
+        perfect = _realism_report(
+            samples, real_test, real_train, features, cpu, 0, references={"reconstruction": real_train}
+        )
+        broken = _realism_report(samples, real_test, real_train, features, cpu, 0, references={"reconstruction": noise})
         reconstructed = reconstruct(vqvae, real_train, batch_size=5)
         expected = vqvae(real_train).clamp(0, 1)
     # the figures of the samples and of real vs real do not change when the reference is added
@@ -170,6 +173,24 @@ def test_reconstruction_baseline_scores_the_reconstructions_and_leaves_the_rest_
         assert perfect[f"{key}_reconstruction_baseline"] == perfect[f"{key}_real_baseline"], key
     assert broken["c2st_accuracy_reconstruction_baseline"] >= 0.9 and broken["precision_reconstruction_baseline"] == 0
     assert reconstructed.shape == real_train.shape and torch.allclose(reconstructed, expected, atol=1e-6)
+
+
+def test_real_top_reference_keeps_the_top_codes_and_draws_the_bottom_ones() -> None:
+    """The real-top reference decodes each slice's own top codes with bottom codes the bottom prior draws given them,
+    seeded; it is made for an unlabelled prior only."""
+    vqvae, prior = make_pair()
+    images = torch.rand(5, 1, 32, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        top, own_bottom = vqvae.index_quantize(images)
+        drawn = sample_level(prior.bottom, (8, 4), 5, 0.8, None, torch.Generator().manual_seed(3), cond_codes=top)
+        redrawn = reconstruct(vqvae, images, batch_size=5, bottom_prior=prior.bottom, temperature=0.8, seed=3)
+        assert torch.equal(redrawn, vqvae.decode_samples(top, drawn).clamp(0, 1))
+        assert not torch.equal(drawn, own_bottom)
+        references = training_references(vqvae, prior, images, 0.8, 3)
+    assert list(references) == ["reconstruction", "real_top"] and torch.equal(references["real_top"], redrawn)
+    assert torch.equal(references["reconstruction"], vqvae.decode_samples(top, own_bottom).clamp(0, 1))
+    assert list(training_references(vqvae, make_pair(num_classes=2)[1], images, 0.8, 3)) == ["reconstruction"]
+    assert list(training_references(vqvae, None, images, 0.8, 3)) == ["reconstruction"]
 
 
 def test_save_samples_and_grid_writer(tmp_path: Path) -> None:

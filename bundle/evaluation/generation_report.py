@@ -2,7 +2,8 @@
 
 Every statistic is computed at the same sample count, beside the same statistic for real training slices against
 real test slices (the floor a perfect generator would reach at that count); the realism measures also beside
-reconstructed training slices (what a perfect prior would reach with this VQ-VAE-2).
+reconstructed training slices (what a perfect prior would reach with this VQ-VAE-2) and beside training slices
+decoded from their own top codes and bottom codes drawn by the bottom prior (what a perfect top prior would reach).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from bundle.data.discovery import scan_key
 from bundle.engine.io import atomic_write_json, save_grid, to_uint8
 from bundle.evaluation import metrics, realism
 from bundle.stage2_prior.generation import generate
+from bundle.stage2_prior.sampling import sample_level
 from bundle.stage2_prior.two_level import LEVELS
 
 logger = logging.getLogger(__name__)
@@ -172,20 +174,55 @@ def vqvae2_feature_maps(vqvae: torch.nn.Module) -> Callable[[torch.Tensor], list
 
 
 @torch.no_grad()
-def reconstruct(vqvae: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def reconstruct(
+    vqvae: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 16,
+    bottom_prior: torch.nn.Module | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> torch.Tensor:
     """Real slices through the VQ-VAE-2's codes and decoder, as samples are decoded: what a perfect prior would give.
+    With ``bottom_prior``, their own top codes with bottom codes drawn by it: what a perfect top prior would give.
 
     Args:
         vqvae: the frozen two-level VQ-VAE, in eval mode.
         images: ``[N, 1, H, W]`` real slices.
         batch_size: slices per call.
+        bottom_prior: the bottom level of an unlabelled :class:`~bundle.stage2_prior.two_level.TwoLevelPrior`, or
+            None to keep the slices' own bottom codes.
+        temperature: the bottom prior's sampling temperature.
+        seed: seeds its draws.
 
     Returns:
         ``[N, 1, H, W]`` float32 reconstructions clipped to ``[0, 1]``, on the CPU.
     """
     device = next(vqvae.parameters()).device
-    batches = [vqvae.decode_samples(*vqvae.index_quantize(x.to(device))) for x in images.split(batch_size)]
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for x in images.split(batch_size):
+        top, bottom = vqvae.index_quantize(x.to(device))
+        if bottom_prior is not None:
+            shape = tuple(bottom.shape[1:])
+            bottom = sample_level(
+                bottom_prior, shape, len(top), temperature, None, generator, device=device, cond_codes=top
+            )
+        batches.append(vqvae.decode_samples(top, bottom))
     return torch.cat(batches).float().clamp(0.0, 1.0).cpu()
+
+
+def training_references(
+    vqvae: torch.nn.Module, prior: torch.nn.Module | None, train_images: torch.Tensor, temperature: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """The references of :func:`_realism_report` made from ``train_images``: ``"reconstruction"`` (a perfect prior)
+    and, for an unlabelled prior (not None), ``"real_top"`` (a perfect top prior; the bottom level drawn at
+    ``temperature``, seeded by ``seed``)."""
+    references = {"reconstruction": reconstruct(vqvae, train_images)}
+    if prior is not None and getattr(prior, "num_classes", 0) == 0:
+        references["real_top"] = reconstruct(
+            vqvae, train_images, bottom_prior=prior.bottom, temperature=temperature, seed=seed
+        )
+    return references
 
 
 def _standardise(*features: torch.Tensor, reference: torch.Tensor) -> list[torch.Tensor]:
@@ -203,10 +240,10 @@ def _realism_report(
     seed: int,
     test_groups: Sequence[object] | None = None,
     train_groups: Sequence[object] | None = None,
-    reconstructed_train: torch.Tensor | None = None,
+    references: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Classifier two-sample test and precision/recall of samples against test slices, beside train vs test and
-    reconstructed train vs test.
+    other references made from the training slices (reconstructed train vs test, ...).
 
     Args:
         samples: generated slices ``[n, 1, H, W]`` in ``[0, 1]``.
@@ -218,14 +255,16 @@ def _realism_report(
         test_groups: the scan of each test slice (:func:`scan_groups`), so the two-sample test's halves hold
             different scans; None treats slices as independent.
         train_groups: the same for ``train_images``.
-        reconstructed_train: ``train_images`` through the VQ-VAE-2 (:func:`reconstruct`), or None. They have the
+        references: name -> ``train_images`` made otherwise, each scored like the samples, as
+            ``..._<name>_baseline``. ``"reconstruction"``: through the VQ-VAE-2 (:func:`reconstruct`); they have the
             real anatomy and the decoder's look, so they score what a perfect prior would: samples that score as
-            well are as realistic as this VQ-VAE-2 can make them, or the measure cannot tell.
+            well are as realistic as this VQ-VAE-2 can make them, or the measure cannot tell. ``"real_top"``: their
+            own top codes with bottom codes drawn by the bottom prior, what a perfect top prior would score.
 
     Returns:
         ``c2st_accuracy`` (0.5: indistinguishable), ``precision``, ``recall``, ``density``, ``coverage``, each
-        also as ``..._real_baseline`` (real training slices in place of the samples) and, with
-        ``reconstructed_train``, as ``..._reconstruction_baseline``; with fewer than ``realism.MIN_IMAGES_PER_SET``
+        also as ``..._real_baseline`` (real training slices in place of the samples) and as
+        ``..._<name>_baseline`` for each of ``references``; with fewer than ``realism.MIN_IMAGES_PER_SET``
         slices only ``realism_skipped``, saying why.
     """
     if len(samples) < realism.MIN_IMAGES_PER_SET:
@@ -233,8 +272,8 @@ def _realism_report(
         logger.warning(f"Realism measures skipped: {reason}.")
         return {"realism_skipped": reason}
     compared = {"": (samples, None), "_real_baseline": (train_images, train_groups)}
-    if reconstructed_train is not None:
-        compared["_reconstruction_baseline"] = (reconstructed_train, train_groups)
+    for name, images in (references or {}).items():
+        compared[f"_{name}_baseline"] = (images, train_groups)
     report: dict[str, Any] = {}
     for name, (images, groups) in compared.items():
         c2st = realism.classifier_two_sample_test(
@@ -278,7 +317,9 @@ def generation_report(
     the figures compare runs of this bundle, not papers. Every statistic is computed at the same sample
     count, and the real-train vs real-test value is reported beside it as the floor to compare against. The realism
     measures are also reported for the same training slices reconstructed by the VQ-VAE-2 (:func:`reconstruct`):
-    what a perfect prior would score with this decoder.
+    what a perfect prior would score with this decoder; and, for an unlabelled prior, for their own top codes with
+    bottom codes drawn by the bottom prior: what a perfect top prior would score, so a shortfall of the samples can
+    be put on the top or the bottom level.
 
     Args:
         vqvae: the frozen two-level VQ-VAE.
@@ -324,10 +365,10 @@ def generation_report(
     report.update(_fidelity_report(feature_fn, samples, test_images, train_images, device, seed))
     report.update(_diversity_memorisation_report(samples, test_images, references, seed))
     report.update(_code_histogram_report(prior.num_embeddings, (top, bottom), test_codes))
-    reconstructed = reconstruct(vqvae, train_images)
+    references = training_references(vqvae, prior, train_images, temperature, seed)
     report.update(
         _realism_report(
-            samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed, *groups, reconstructed
+            samples, test_images, train_images, vqvae2_feature_maps(vqvae), device, seed, *groups, references
         )
     )
     extractor = "VQ-VAE-2 bottom encoder" if features is None else getattr(features, "__qualname__", "features")

@@ -259,7 +259,8 @@ def _realism_report(
             ``..._<name>_baseline``. ``"reconstruction"``: through the VQ-VAE-2 (:func:`reconstruct`); they have the
             real anatomy and the decoder's look, so they score what a perfect prior would: samples that score as
             well are as realistic as this VQ-VAE-2 can make them, or the measure cannot tell. ``"real_top"``: their
-            own top codes with bottom codes drawn by the bottom prior, what a perfect top prior would score.
+            own top codes with bottom codes drawn by the bottom prior, what a perfect top prior would score (a
+            little optimistic: the bottom prior was trained on these slices' codes).
 
     Returns:
         ``c2st_accuracy`` (0.5: indistinguishable), ``precision``, ``recall``, ``density``, ``coverage``, each

@@ -27,6 +27,9 @@ GENERATION = {
     "recall_real_baseline": 0.625,
 }
 
+DENSITY = {"density": 0.2153, "coverage": 0.1875, "density_real_baseline": 0.6528, "coverage_real_baseline": 0.5}
+RECONSTRUCTED_DENSITY = {"density_reconstruction_baseline": 0.6597, "coverage_reconstruction_baseline": 0.5208}
+
 
 def test_both_reports_give_every_figure_beside_its_reference(tmp_path: Path) -> None:
     (tmp_path / "reconstruction_metrics.json").write_text(json.dumps(RECONSTRUCTION))
@@ -52,11 +55,9 @@ def test_the_reconstruction_reference_is_printed_when_the_report_has_it(tmp_path
 
 
 def test_density_and_coverage_follow_precision_when_the_report_has_them() -> None:
-    figures = {"density": 0.2153, "coverage": 0.1875, "density_real_baseline": 0.6528, "coverage_real_baseline": 0.5}
-    lines = print_results.generation_lines({**GENERATION, **figures})
+    lines = print_results.generation_lines({**GENERATION, **DENSITY})
     assert lines[-1] == "Density 0.215, coverage 0.188 (real-vs-real 0.653, 0.500)"
-    reconstructed = {"density_reconstruction_baseline": 0.6597, "coverage_reconstruction_baseline": 0.5208}
-    lines = print_results.generation_lines({**GENERATION, **figures, **reconstructed})
+    lines = print_results.generation_lines({**GENERATION, **DENSITY, **RECONSTRUCTED_DENSITY})
     assert lines[-1] == "Density 0.215, coverage 0.188 (real-vs-real 0.653, 0.500; reconstructed-vs-real 0.660, 0.521)"
     assert not any(line.startswith("Density") for line in print_results.generation_lines(GENERATION))
 
@@ -83,10 +84,8 @@ def test_the_epochs_each_stage_trained_come_first(tmp_path: Path) -> None:
 
 
 def test_the_real_top_reference_follows_the_reconstruction_reference() -> None:
-    figures = {"density": 0.2153, "coverage": 0.1875, "density_real_baseline": 0.6528, "coverage_real_baseline": 0.5}
-    reconstructed = {"density_reconstruction_baseline": 0.6597, "coverage_reconstruction_baseline": 0.5208}
     real_top = {"density_real_top_baseline": 0.5903, "coverage_real_top_baseline": 0.4375}
-    lines = print_results.generation_lines({**GENERATION, **figures, **reconstructed, **real_top})
+    lines = print_results.generation_lines({**GENERATION, **DENSITY, **RECONSTRUCTED_DENSITY, **real_top})
     assert lines[-1] == (
         "Density 0.215, coverage 0.188 (real-vs-real 0.653, 0.500; reconstructed-vs-real 0.660, 0.521; "
         "real-top-vs-real 0.590, 0.438)"

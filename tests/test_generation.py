@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> dict:
     out = tmp_path_factory.mktemp("pipeline")
-    sizes = [*TINY_NETWORK, *TINY_PRIOR, "--num_classes", 3]
+    # a class-conditioned prior whose top level has a position map: the options the demo leaves off
+    sizes = [*TINY_NETWORK, *TINY_PRIOR, "--num_classes", 3, "--prior_top_position_channels", 4]
     common = ["--output_dir", out / "outputs", "--ckpt_dir", out / "models", *sizes]
     train = run_bundle(
         "training",
@@ -62,6 +63,7 @@ def test_training_runs_both_stages(pipeline: dict) -> None:
     assert codes["bottom"].shape == (18, 64, 32) and int(codes["bottom"].max()) < 64
     assert codes["top"].shape[0] == 18 and 64 % codes["top"].shape[1] == 0 and int(codes["top"].max()) < 64
     assert codes["labels"].tolist() and set(codes["labels"].tolist()) <= {0, 1, 2}
+    assert prior["top.position"].shape == (1, 4, *codes["top"].shape[1:])
     for level in ("top", "bottom"):
         nll = [float(v) for v in re.findall(rf"Metrics -- .*?val_nll_bits_{level}: ([0-9.]+)", log)]
         assert len(nll) == 3 and all(0.0 < v < np.log2(64) + 1 for v in nll), level

@@ -22,6 +22,7 @@ def make_model(
     seed: int = 0,
     sharpen: bool = True,
     cond_embeddings: int = 0,
+    position_shape: tuple[int, int] | None = None,
 ) -> GatedPixelCNN:
     """Small random model. ``sharpen`` scales the head up so logits depend strongly on context
     (at default init they are almost flat, and a wrong context could go unnoticed in samples);
@@ -37,6 +38,7 @@ def make_model(
         cond_embeddings=cond_embeddings,
         cond_channels=6,
         cond_blocks=1,
+        position_shape=position_shape,
     )
     if sharpen:
         with torch.no_grad():
@@ -91,13 +93,28 @@ POSITIONS = [(0, 0), (0, 1), (0, 7), (1, 0), (1, 7), (3, 2), (4, 6), (5, 0), (7,
 
 
 @pytest.mark.parametrize(
-    "num_layers,kernel_size,num_classes,cond_embeddings",
-    [(4, 5, 0, 0), (2, 3, 0, 0), (3, 3, 2, 0), (1, 5, 0, 0), (2, 3, 0, 5), (3, 3, 2, 5)],
+    "num_layers,kernel_size,num_classes,cond_embeddings,position_shape",
+    [
+        (4, 5, 0, 0, None),
+        (2, 3, 0, 0, None),
+        (3, 3, 2, 0, None),
+        (1, 5, 0, 0, None),
+        (2, 3, 0, 5, None),
+        (3, 3, 2, 5, None),
+        (3, 3, 0, 0, (8, 8)),
+        (2, 3, 0, 5, (8, 8)),
+    ],
 )
-def test_causality_and_no_blind_spot(num_layers: int, kernel_size: int, num_classes: int, cond_embeddings: int) -> None:
-    # spatial conditioning is seen whole and must not open any path to the modelled map's future
+def test_causality_and_no_blind_spot(
+    num_layers: int, kernel_size: int, num_classes: int, cond_embeddings: int, position_shape: tuple | None
+) -> None:
+    # spatial conditioning and the position map are seen whole and must not open any path to the map's future
     model = make_model(
-        num_layers=num_layers, kernel_size=kernel_size, num_classes=num_classes, cond_embeddings=cond_embeddings
+        num_layers=num_layers,
+        kernel_size=kernel_size,
+        num_classes=num_classes,
+        cond_embeddings=cond_embeddings,
+        position_shape=position_shape,
     )
     height = width = 8
     for i, j in POSITIONS:
@@ -256,6 +273,46 @@ def test_fast_sampling_equals_naive(
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(fast_logits, model(fast, labels, cond_codes), rtol=0, atol=tol)
     torch.testing.assert_close(naive_logits, fast_logits, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("cond_embeddings", [0, 5])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_fast_sampling_equals_naive_with_a_position_map(cond_embeddings: int, temperature: float) -> None:
+    model = make_model(num_layers=3, kernel_size=5, cond_embeddings=cond_embeddings, position_shape=(8, 6))
+    kwargs = dict(shape=(8, 6), num_samples=3, temperature=temperature, cond_codes=cond_codes_for(model, 3, 8, 6))
+    naive = sample_naive(model, generator=torch.Generator().manual_seed(7), **kwargs)
+    fast = sample_fast(model, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert torch.equal(naive, fast)
+    with torch.no_grad():
+        model.position.zero_()
+    assert not torch.equal(fast, sample_fast(model, generator=torch.Generator().manual_seed(7), **kwargs))
+
+
+@pytest.mark.parametrize("cond_embeddings", [0, 5])
+def test_a_position_entry_changes_the_logits_there_and_after_only(cond_embeddings: int) -> None:
+    # the map depends on no code, so it may reach its own position; the gates carry it only onwards
+    model = make_model(num_layers=3, kernel_size=3, cond_embeddings=cond_embeddings, position_shape=(6, 4))
+    codes = torch.randint(0, 16, (1, 6, 4), generator=torch.Generator().manual_seed(0))
+    cond_codes = cond_codes_for(model, 1, 6, 4)
+    base = model(codes, cond_codes=cond_codes)
+    for i, j in [(0, 0), (2, 1), (5, 3)]:
+        with torch.no_grad():
+            model.position[:, :, i, j] += 1.0
+        changed = (model(codes, cond_codes=cond_codes) - base).abs().amax(1)[0] > 0
+        with torch.no_grad():
+            model.position[:, :, i, j] -= 1.0
+        assert changed[i, j] and not changed[raster_before(6, 4, i, j)].any(), (i, j)
+
+
+def test_a_position_map_takes_only_its_own_map_shape() -> None:
+    model = make_model(num_layers=2, kernel_size=3, position_shape=(6, 4))
+    assert model.position.shape == (1, 6, 6, 4) and model.cond_channels == 6
+    assert model(torch.zeros(2, 6, 4, dtype=torch.long)).shape == (2, 16, 6, 4)
+    with pytest.raises(ValueError, match=r"position map for \(6, 4\) maps; got a map of \(8, 4\)"):
+        model(torch.zeros(2, 8, 4, dtype=torch.long))
+    for bad in [(6,), (0, 4)]:
+        with pytest.raises(ValueError, match="position_shape"):
+            GatedPixelCNN(16, 8, 2, 3, position_shape=bad)
 
 
 def test_conditioning_codes_change_the_samples() -> None:

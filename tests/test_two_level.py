@@ -12,6 +12,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from bundle.engine.inferers import AutocastInferer
+from bundle.engine.weights import load_weights
 from bundle.evaluation.generation_report import nll_bits_per_code
 from bundle.stage2_prior.codes import CodeDataset
 from bundle.stage2_prior.export import BottomPriorLogits, TopPriorLogits
@@ -52,6 +53,13 @@ def test_arguments_per_level_and_shape_checks() -> None:
         TwoLevelPrior(12, channels=4, num_layers=(16, 2), head_channels=4, latent_shapes=((32, 16), (64, 24)))
     with pytest.raises(TypeError, match="pair"):
         TwoLevelPrior(12, channels=(4.0, 4))
+    positioned = TwoLevelPrior(
+        12, channels=4, num_layers=(16, 2), latent_shapes=((32, 16), (64, 32)), top_position_channels=3
+    )
+    assert positioned.top.position.shape == (1, 3, 32, 16) and positioned.top.cond_stack is None
+    assert positioned.bottom.position is None and positioned.bottom.cond_channels == 32
+    with pytest.raises(ValueError, match="needs latent_shapes"):
+        TwoLevelPrior(12, channels=4, num_layers=(16, 2), top_position_channels=3)
 
 
 def test_dropout_per_level_only_in_training() -> None:
@@ -227,6 +235,37 @@ def test_fast_equals_naive_for_both_levels(num_classes: int, temperature: float)
     )
     assert torch.equal(bottom, fast[1])
     torch.testing.assert_close(logits, prior(fast[0], fast[1], labels)[1], rtol=0, atol=1e-10)
+
+
+def test_a_top_position_map_samples_fast_as_naive_and_traces() -> None:
+    torch.manual_seed(0)
+    kwargs = dict(channels=8, num_layers=(3, 2), kernel_size=3, head_channels=16, cond_channels=6, cond_blocks=1)
+    kwargs.update(latent_shapes=((3, 2), (6, 4)), top_position_channels=5)
+    prior = TwoLevelPrior((6, 10), **kwargs).double().eval()
+    with torch.no_grad():
+        prior.top.head[3].weight.mul_(10.0)
+    fast = sample_codes(prior, (3, 2), (6, 4), 3, 1.0, seed=4, sampler="fast")
+    naive = sample_codes(prior, (3, 2), (6, 4), 3, 1.0, seed=4, sampler="naive")
+    assert torch.equal(fast[0], naive[0]) and torch.equal(fast[1], naive[1])
+    top_form = TopPriorLogits((6, 10), **kwargs).double().eval()
+    top_form.load_state_dict(prior.state_dict(), strict=True)
+    with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):
+        traced_top = torch.jit.trace(top_form, (fast[0].double(),))
+    other_top = random_codes(3, (3, 2), (6, 4), seed=1)[0]  # the trace is a function of its input
+    torch.testing.assert_close(traced_top(other_top.double()), prior.top(other_top))
+
+
+@pytest.mark.parametrize("saved, configured", [(0, 3), (3, 0)])
+def test_a_prior_of_other_position_channels_is_refused_with_the_override_that_loads_it(
+    tmp_path, saved: int, configured: int
+) -> None:
+    kwargs = dict(channels=4, num_layers=(3, 2), kernel_size=3, head_channels=4, latent_shapes=((3, 2), (6, 4)))
+    trained = TwoLevelPrior((6, 10), **kwargs, top_position_channels=saved)
+    torch.save(trained.state_dict(), tmp_path / "prior.pt")
+    with pytest.raises(RuntimeError, match=f"pass --prior_top_position_channels {saved}"):
+        load_weights(TwoLevelPrior((6, 10), **kwargs, top_position_channels=configured), tmp_path / "prior.pt", "cpu")
+    loaded = load_weights(TwoLevelPrior((6, 10), **kwargs, top_position_channels=saved), tmp_path / "prior.pt", "cpu")
+    assert torch.equal(loaded.top.head[3].weight, trained.top.head[3].weight)
 
 
 def test_seeds_and_batches() -> None:

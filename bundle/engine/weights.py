@@ -93,6 +93,9 @@ def _mismatch_hint(network: torch.nn.Module, state: Mapping[str, Any]) -> str:
             f"none of its {len(state)} entries is a {type(network).__name__} parameter: is it another network's file "
             "(the prior's, or a VQ-VAE's for the prior)?"
         )
+    if ("top.position" in expected) != ("top.position" in state):
+        channels = state["top.position"].shape[1] if "top.position" in state else 0
+        return f"its prior has {channels or 'no'} top position channels: pass --prior_top_position_channels {channels}"
     return "was it trained with other sizes, e.g. num_embeddings or channels?"
 
 

@@ -19,6 +19,10 @@ Generation with PixelCNN Decoders", for 2D maps of integer codes:
   upsampled to this map's size, projected per layer by a 1x1 convolution and
   added inside every gate of both stacks. The conditioning map is observed, so
   it is seen whole; causality only concerns the map being modelled.
+* an optional learned position map (one feature vector per position of a map of
+  fixed size) added to the conditioning features, or alone used as them: it
+  tells every gate where it is, which zero-padded convolutions see only near the
+  borders. It depends on no code, so it keeps the model causal.
 
 Masking is implemented by padding, shifting and cropping (as in most reference
 implementations), never by multiplying the weights with masks, so every
@@ -412,10 +416,14 @@ class GatedPixelCNN(nn.Module):
         head_channels: hidden channels of the 1x1 output head.
         cond_embeddings: codebook size of a conditioning code map (the top map of a two-level model), 0 for no
             spatial conditioning.
-        cond_channels: feature channels of the conditioning stack (used when ``cond_embeddings > 0``).
+        cond_channels: feature channels of the conditioning stack and the position map (used when
+            ``cond_embeddings > 0`` or ``position_shape`` is given).
         cond_blocks: residual blocks of the conditioning stack (used when ``cond_embeddings > 0``).
         dropout: dropout probability inside every gated layer in training (see :class:`GatedLayer`), in
             ``[0, 1)``; sampling and evaluation run in eval mode, without it.
+        position_shape: ``(H, W)`` to learn a position map of ``cond_channels`` features per position, added to
+            the conditioning stack's features (used alone without a stack); the model then takes only ``H x W``
+            maps. None for no position map.
     """
 
     def __init__(
@@ -430,6 +438,7 @@ class GatedPixelCNN(nn.Module):
         cond_channels: int = 32,
         cond_blocks: int = 2,
         dropout: float = 0.0,
+        position_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -440,6 +449,8 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}.")
         if cond_embeddings < 0 or (cond_embeddings > 0 and (cond_channels < 1 or cond_blocks < 0)):
             raise ValueError("cond_embeddings must be >= 0; when > 0, cond_channels >= 1 and cond_blocks >= 0.")
+        if position_shape is not None and (len(position_shape) != 2 or min(position_shape) < 1 or cond_channels < 1):
+            raise ValueError(f"position_shape must be (H, W) >= 1 with cond_channels >= 1, got {position_shape!r}.")
         self.num_embeddings = num_embeddings
         self.channels = channels
         self.num_layers = num_layers
@@ -447,7 +458,7 @@ class GatedPixelCNN(nn.Module):
         self.num_classes = num_classes
         self.head_channels = head_channels
         self.cond_embeddings = cond_embeddings
-        self.cond_channels = cond_channels if cond_embeddings > 0 else 0
+        self.cond_channels = cond_channels if cond_embeddings > 0 or position_shape is not None else 0
 
         self.embedding = nn.Embedding(num_embeddings, channels)
         self.cond_stack = ConditionStack(cond_embeddings, cond_channels, cond_blocks) if cond_embeddings else None
@@ -466,6 +477,9 @@ class GatedPixelCNN(nn.Module):
         self.head = nn.Sequential(
             nn.ReLU(), nn.Conv2d(channels, head_channels, 1), nn.ReLU(), nn.Conv2d(head_channels, num_embeddings, 1)
         )
+        self.position = None
+        if position_shape is not None:
+            self.position = nn.Parameter(0.1 * torch.randn(1, cond_channels, *(int(s) for s in position_shape)))
 
     @property
     def receptive_field(self) -> tuple[int, int]:
@@ -514,19 +528,31 @@ class GatedPixelCNN(nn.Module):
                 raise ValueError(f"labels must be in [0, {self.num_classes}), got range [{lo.item()}, {hi.item()}].")
 
     def condition(self, cond_codes: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
-        """Conditioning features of ``cond_codes`` at the modelled map's size, computed once per map.
+        """Conditioning features at the modelled map's size, computed once per map: those of ``cond_codes`` plus
+        the position map, each where the model has it.
 
         Args:
             cond_codes: integer ``[B, h, w]`` for a spatially conditioned model, else None.
             shape: ``(B, H, W)`` of the modelled code maps; ``(H, W)`` must be multiples of ``(h, w)``.
 
         Returns:
-            Float ``[B, cond_channels, H, W]``, or None for a model without spatial conditioning.
+            Float ``[B, cond_channels, H, W]``, or None for a model with neither.
 
         Raises:
-            ValueError: if ``cond_codes`` are given to a model without spatial conditioning, missing for one with
-                it, or have a wrong batch size, shape, dtype or range.
+            ValueError: if ``cond_codes`` are given to a model without a conditioning stack, missing for one with
+                it, or have a wrong batch size, shape, dtype or range, or if ``(H, W)`` is not the position map's.
         """
+        features = self.code_features(cond_codes, shape)
+        if self.position is None:
+            return features
+        expected, got = tuple(self.position.shape[-2:]), tuple(shape[-2:])
+        if got != expected:
+            raise ValueError(f"the model has a position map for {expected} maps; got a map of {got}.")
+        position = self.position.expand(shape[0], -1, -1, -1)
+        return position if features is None else features + position
+
+    def code_features(self, cond_codes: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
+        """The conditioning stack's features of ``cond_codes`` at ``shape`` ``(B, H, W)``; None without a stack."""
         if self.cond_stack is None:
             if cond_codes is not None:
                 raise ValueError("cond_codes were given but the model has no spatial conditioning (cond_embeddings=0).")
@@ -570,7 +596,9 @@ class GatedPixelCNN(nn.Module):
         """
         self.check_labels(labels, x.shape[0])
         if (cond is None) != (self.cond_channels == 0):
-            raise ValueError(f"cond features must be given exactly when cond_embeddings > 0 ({self.cond_embeddings}).")
+            raise ValueError(
+                "cond features must be given exactly when the model has a conditioning stack or a position map."
+            )
         if cond is not None and cond.shape != (x.shape[0], self.cond_channels, *x.shape[2:]):
             raise ValueError(f"cond must have shape [B, {self.cond_channels}, H, W] like x, got {list(cond.shape)}.")
         v, h, skip = x, x, None

@@ -68,9 +68,13 @@ class TwoLevelPrior(nn.Module):
         dropout: dropout probability inside each level's gated layers in training. Default 0 (none).
         latent_shapes: optional ``((h_t, w_t), (h_b, w_b))``; when given, the bottom shape must be a multiple of
             the top shape and the top prior must see the whole top map (checked here), and samplers use it.
+        top_position_channels: channels of a learned position map of the top level, added inside its gates
+            (``position_shape`` of :class:`~bundle.stage2_prior.pixelcnn.GatedPixelCNN`); 0 for none. It needs
+            ``latent_shapes``, and the prior then takes only top maps of that shape.
 
     Raises:
-        ValueError: if ``latent_shapes`` is inconsistent or the top prior does not cover the top map.
+        ValueError: if ``latent_shapes`` is inconsistent or missing for a position map, or the top prior does not
+            cover the top map.
     """
 
     def __init__(
@@ -85,8 +89,11 @@ class TwoLevelPrior(nn.Module):
         num_classes: int = 0,
         latent_shapes: Sequence[Sequence[int]] | None = None,
         dropout: float | Sequence[float] = 0.0,
+        top_position_channels: int = 0,
     ) -> None:
         super().__init__()
+        if top_position_channels and latent_shapes is None:
+            raise ValueError("a top position map (top_position_channels > 0) needs latent_shapes.")
         embeddings = _pair(num_embeddings, "num_embeddings")
         channels, num_layers = _pair(channels, "channels"), _pair(num_layers, "num_layers")
         kernel_size, head_channels = _pair(kernel_size, "kernel_size"), _pair(head_channels, "head_channels")
@@ -94,7 +101,15 @@ class TwoLevelPrior(nn.Module):
         self.num_embeddings = embeddings
         self.num_classes = num_classes
         self.top = GatedPixelCNN(
-            embeddings[0], channels[0], num_layers[0], kernel_size[0], num_classes, head_channels[0], dropout=dropout[0]
+            embeddings[0],
+            channels[0],
+            num_layers[0],
+            kernel_size[0],
+            num_classes,
+            head_channels[0],
+            cond_channels=top_position_channels,
+            dropout=dropout[0],
+            position_shape=latent_shapes[0] if top_position_channels else None,
         )
         self.bottom = GatedPixelCNN(
             embeddings[1],

@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -48,12 +49,12 @@ REFERENCES = (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; ``None`` reads ``sys.argv``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", nargs="+", required=True, help="folders of sample_*.nii.gz files")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data set, the models of the references (VQ-VAE-2, prior, the bottom prior's temperature) and overlays."""
     parser.add_argument("--dataset_dir", default=str(ROOT / "data" / "phantom"))
-    parser.add_argument("--ckpt_path", default=str(ROOT / "models" / "model.pt"), help="VQ-VAE-2 of the features")
+    parser.add_argument(
+        "--ckpt_path", default=str(ROOT / "models" / "model.pt"), help="VQ-VAE-2 of the features and references"
+    )
     parser.add_argument(
         "--prior_path",
         default=None,
@@ -66,6 +67,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=json.loads((ROOT / "configs" / "sample.json").read_text())["temperature"],
         help="the bottom prior's temperature for the real-top reference (default that of configs/sample.json)",
     )
+    parser.add_argument(
+        "--overlay",
+        nargs="*",
+        default=[],
+        help="config files read after configs/inference.json (configs/hipmri_gpu.json)",
+    )
+
+
+def inference_parser(dataset_dir: str, overlay: Sequence[str] = ()) -> ConfigParser:
+    """``configs/inference.json`` and then ``overlay``, for the data in ``dataset_dir``, networks returning outputs."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "inference.json"), *overlay])
+    parser.update({"bundle_root": str(ROOT), "dataset_dir": dataset_dir, "network_returns_loss": False})
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``None`` reads ``sys.argv``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", nargs="+", required=True, help="folders of sample_*.nii.gz files")
+    add_model_arguments(parser)
     parser.add_argument("--num", type=int, default=48, help="slices per set")
     parser.add_argument(
         "--seed",
@@ -73,12 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[0],
         help="comparison seeds (the real slices drawn, the classifier's start); with several, also their means",
-    )
-    parser.add_argument(
-        "--overlay",
-        nargs="*",
-        default=[],
-        help="config files read after configs/inference.json (configs/hipmri_gpu.json)",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -151,9 +167,7 @@ def table(results: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Prints (and writes) the realism figures of every folder beside the references, per seed and as a mean."""
     args = parse_args(argv)
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "inference.json"), *args.overlay])
-    parser.update({"bundle_root": str(ROOT), "dataset_dir": args.dataset_dir, "network_returns_loss": False})
+    parser = inference_parser(args.dataset_dir, args.overlay)
     vqvae = load_weights(parser.get_parsed_content("network_def"), args.ckpt_path, torch.device("cpu"))
     prior = load_prior(parser, args.prior_path)
     runs = {}

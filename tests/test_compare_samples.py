@@ -7,15 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from bundle.data.phantom import write_hipmri_phantoms
 
-from conftest import ROOT
+from conftest import ROOT, save_untrained_models, write_sample_folder
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -24,27 +22,16 @@ import compare_samples  # noqa: E402
 NUM = 10  # every test slice of the set below, so a folder of them holds exactly the real test set
 
 
-def _write_folder(folder: Path, images: torch.Tensor) -> str:
-    folder.mkdir()
-    for k, image in enumerate(images):
-        nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), np.eye(4)), folder / f"sample_{k:03d}.nii.gz")
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small phantom set, VQ-VAE-2 and prior checkpoints, and two sample folders: the real test slices and noise."""
     root = tmp_path_factory.mktemp("compare")
     write_hipmri_phantoms(root / "data", train_cases=2, val_cases=1, test_cases=2, slices_per_case=5)
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(ROOT), "dataset_dir": str(root / "data"), "network_returns_loss": False})
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
-    torch.save(parser.get_parsed_content("prior_def").state_dict(), root / "prior.pt")
+    parser = compare_samples.inference_parser(str(root / "data"))
+    save_untrained_models(parser, root)
     test, _ = compare_samples.real_slices(parser, "test", NUM, seed=5)
     noise = torch.rand(NUM, *test.shape[1:], generator=torch.Generator().manual_seed(1))
-    copies, noise = _write_folder(root / "copies", test.flip(0)), _write_folder(root / "noise", noise)
+    copies, noise = write_sample_folder(root / "copies", test.flip(0)), write_sample_folder(root / "noise", noise)
     args = ["--samples", copies, noise, "--dataset_dir", str(root / "data"), "--ckpt_path", str(root / "model.pt")]
     args += ["--prior_path", str(root / "prior.pt")]
     return {"args": [*args, "--num", str(NUM)], "copies": copies, "noise": noise}

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
+    from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:  # pytest.ini runs the tests on two workers: each computes on its share of the cores
+    import torch
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 # Small enough for a 2-core CPU, large enough to exercise every code path. Eager: compiling a network that trains
@@ -126,12 +128,14 @@ def copy_models(bundle: dict, destination: Path) -> Path:
 
 def save_untrained_models(parser: ConfigParser, folder: Path) -> None:
     """Untrained VQ-VAE-2 and prior of ``parser``'s configs (seed 0) saved as ``folder/model.pt`` and ``prior.pt``."""
+    import torch
+
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
     torch.save(parser.get_parsed_content("prior_def").state_dict(), folder / "prior.pt")
 
 
-def write_sample_folder(folder: Path, images: torch.Tensor) -> str:
+def write_sample_folder(folder: Path, images: Tensor) -> str:
     """``images`` ``[N, 1, H, W]`` as ``folder/sample_000.nii.gz``..., float32, as the sampling workflow names them."""
     import nibabel as nib
     import numpy as np

@@ -47,9 +47,13 @@ from monai.bundle import ConfigParser  # noqa: E402
 from bundle.data.phantom import LABELS  # noqa: E402
 from bundle.data.transforms import EnsureSlice2Dd, SafeLoadImaged  # noqa: E402
 from bundle.engine.weights import load_weights  # noqa: E402
-from bundle.evaluation.generation_report import reconstruct  # noqa: E402
+from bundle.evaluation.generation_report import training_references  # noqa: E402
 
 ORGANS = ("bone", "bladder", "rectum", "prostate")
+REFERENCE_NAMES = {
+    "reconstruction": "reconstructed (a perfect prior)",
+    "real_top": "real top codes, drawn bottom (a perfect top prior)",
+}
 
 
 def mask_path(image_path: str | Path) -> Path:
@@ -216,14 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
     val_images, val_masks = load_labelled(parser, labelled_items(parser, "validate", 0))
     dice = organ_dice(segment(net, val_images, args.confidence), val_masks)
     test, test_masks = load_labelled(parser, labelled_items(parser, "test", args.num))
-    images = {"real test slices": test}
     vqvae = load_weights(parser.get_parsed_content("network_def"), args.ckpt_path, torch.device("cpu"))
-    prior = load_prior(parser, args.prior_path)
     with torch.no_grad():
-        images["reconstructed (a perfect prior)"] = reconstruct(vqvae, test)
-        if prior is not None:
-            drawn = reconstruct(vqvae, test, bottom_prior=prior.bottom, temperature=args.temperature, seed=args.seed)
-            images["real top codes, drawn bottom (a perfect top prior)"] = drawn
+        references = training_references(vqvae, load_prior(parser, args.prior_path), test, args.temperature, args.seed)
+    images = {"real test slices": test}
+    images.update({REFERENCE_NAMES[key]: slices for key, slices in references.items()})
     images.update({folder: sample_folder(folder) for folder in args.samples})
     sets = {"real test slices, their masks": test_masks}
     sets.update({name: segment(net, x, args.confidence) for name, x in images.items()})
